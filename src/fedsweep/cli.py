@@ -1,0 +1,153 @@
+"""The ``fedsweep`` command line: one subcommand per pipeline stage.
+
+Every subcommand validates its inputs first and reports a bad one as a single line
+``fedsweep: error: ...`` (exit 2) before any compute starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import FedsweepError, __version__
+
+
+def _parse_spec(text: str | None, path: str | None) -> dict | None:
+    if path:
+        return yaml.safe_load(Path(path).read_text())
+    if text:
+        spec = yaml.safe_load(text)
+        if not isinstance(spec, dict):
+            raise FedsweepError(f"--spec {text!r} is not a mapping")
+        return spec
+    return None
+
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from .data import prepare
+
+    meta = prepare(a.name, _parse_spec(a.spec, a.spec_file), a.out_dir)
+    print(f"prepared {a.name}: {meta['rows']['train']} train / {meta['rows']['test']} test rows, "
+          f"{meta['num_classes']} classes -> {a.out_dir}")
+
+
+def cmd_tokenize(a: argparse.Namespace) -> None:
+    from .tokens import tokenize
+
+    meta = tokenize(a.data_dir, a.tokenizer, a.max_length, a.out_dir)
+    print(f"tokenized {meta['dataset']} with {a.tokenizer} (L={a.max_length}): mean length "
+          f"{meta['mean_length']['train']:.1f}, {100 * meta['truncated_share']['train']:.1f}% truncated -> {a.out_dir}")
+
+
+def cmd_partition(a: argparse.Namespace) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from .data import read_meta
+    from .partition import label_histogram, partition, read_shards, write_shards
+
+    meta = read_meta(a.data_dir)
+    labels = pd.read_parquet(Path(a.data_dir) / "train.parquet", columns=["label"])["label"].to_numpy()
+    shards = partition(labels, a.clients, a.seed, a.scheme, a.alpha, min_size=a.min_size)
+    info = {"scheme": a.scheme, "seed": a.seed, "alpha": a.alpha, "train_rows": len(labels),
+            "train_sha256": meta["sha256"]["train"], "dropped": int(len(labels) - sum(len(s) for s in shards))}
+    write_shards(a.out, shards, info)
+    hist = label_histogram(read_shards(a.out), labels, meta["num_classes"])
+    share = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+    print(f"partitioned {len(labels)} rows into {a.clients} {a.scheme} shards of {sorted({len(s) for s in shards})} "
+          f"(dropped {info['dropped']}; max class share per client {share.max():.2f}) -> {a.out}")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .train import TrainConfig, run
+
+    fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    metrics = run(TrainConfig(**fields))
+    last = metrics.dropna(subset=["test_accuracy"]).iloc[-1]
+    print(f"trained {a.model} K={metrics['clients'].iloc[0]}: round {int(last['round'])} test accuracy "
+          f"{last['test_accuracy']:.4f} -> {a.out_dir}")
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from .report import make_report
+
+    outputs = make_report(a.metrics, a.config, a.tables_dir, a.figures_dir)
+    print(json.dumps({k: str(v) for k, v in outputs.items()}, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedsweep", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fedsweep {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="load a data set into normalised Parquet + meta.json")
+    s.add_argument("--name", required=True, help="data set name (a hub preset: imdb, yelp_review_full, ag_news)")
+    s.add_argument("--spec", help="YAML/JSON mapping overriding the preset (source, hub_id, train, test, text, label, ...)")
+    s.add_argument("--spec-file", help="the spec as a YAML file")
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("tokenize", help="tokenise a prepared data set once per tokenizer and max length")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--tokenizer", required=True, help="model spec whose tokenizer to use")
+    s.add_argument("--max-length", type=int, default=128)
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("partition", help="split the training set into K client shards")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--clients", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scheme", default="iid", help="iid (the paper) or dirichlet (label skew)")
+    s.add_argument("--alpha", type=float, help="Dirichlet concentration (scheme=dirichlet)")
+    s.add_argument("--min-size", type=int, default=1, help="smallest acceptable shard")
+    s.add_argument("--out", required=True, help="output Parquet (one row per kept training example)")
+    s.set_defaults(func=cmd_partition)
+
+    s = sub.add_parser("train", help="run one FedAvg cell (resumes from its checkpoint)")
+    s.add_argument("--tokens-dir", required=True)
+    s.add_argument("--shards", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--rounds", type=int, required=True)
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--protocol", choices=["standard", "paper"])
+    s.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"])
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--eval-batch-size", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device")
+    s.add_argument("--dataset", help="data set name recorded in the metrics")
+    s.add_argument("--checkpoint-every", type=int)
+    s.add_argument("--no-keep-checkpoint", dest="keep_checkpoint", action="store_false", default=None)
+    s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("report", help="tables and figures from the metrics of finished cells")
+    s.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet files (or folders to search)")
+    s.add_argument("--config", required=True, help="the workflow config (budgets, targets, chance levels)")
+    s.add_argument("--tables-dir", required=True)
+    s.add_argument("--figures-dir", required=True)
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except FedsweepError as exc:
+        print(f"fedsweep: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

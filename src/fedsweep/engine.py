@@ -1,0 +1,210 @@
+"""The FedAvg engine: client training and server aggregation, split as in Flower.
+
+- :class:`FlatParameters` re-points every trainable parameter (and its gradient) of ONE model
+  into a single contiguous fp32 buffer. All clients are trained on that one model in turn, so
+  loading the global weights into a client is one copy and an SGD step is one fused ``add_``.
+- :func:`train_client` is the client: E local epochs of plain SGD (constant lr, no momentum, no
+  weight decay) over its shard, with batch order fixed by (seed, round, client, epoch).
+- :class:`FedAvg` is the strategy: ``global <- sum_k (n_k / N) x_k``, accumulated in place into
+  one float64 buffer, so peak memory is independent of K and the average does not depend
+  (beyond its final rounding to fp32) on the order in which clients, or ranks, add their models.
+
+Buffers: the models used here (BERT, ALBERT, DistilBERT) have no trained buffers (no batch norm);
+their buffers (``position_ids``, ``token_type_ids``) are constants, identical in every client, so
+they are not averaged and keep the values they were built with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tokens import TokenTensors
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    attention_mask: bool  # feed the model a mask over padding
+    dynamic_padding: bool  # pad each batch to its longest sequence, not to max_length
+    reshuffle: bool  # new order of the shard each epoch (else one fixed random order)
+    drop_last: bool  # drop the last partial batch of an epoch
+
+
+PROTOCOLS = {
+    "standard": Protocol("standard", attention_mask=True, dynamic_padding=True, reshuffle=True, drop_last=False),
+    # What the paper's released code did: tokenizer padding to max length and only input_ids fed
+    # to the model (so padding is attended), DataLoaders without shuffle, drop_last=True.
+    "paper": Protocol("paper", attention_mask=False, dynamic_padding=False, reshuffle=False, drop_last=True),
+}
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed that is a pure function of (seed, keys): the RNG state never needs saving."""
+    words = [seed] + [k if isinstance(k, int) else int.from_bytes(k.encode()[:8], "little") for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def client_batches(shard: np.ndarray, batch_size: int, protocol: Protocol, seed: int,
+                   round_: int, client: int, epoch: int) -> list[np.ndarray]:
+    """The batches (arrays of training-row indices) a client sees in one local epoch."""
+    if protocol.reshuffle:
+        order = shard[np.random.default_rng(derive_seed(seed, "order", round_, client, epoch)).permutation(len(shard))]
+    else:
+        order = shard  # the shard's fixed random order, drawn once at partition time
+    stop = len(order) - len(order) % batch_size if protocol.drop_last else len(order)
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+class FlatParameters:
+    """The trainable parameters of a model, and their gradients, as views into two flat buffers."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]  # shared params appear once
+        dtypes = {p.dtype for p in self.params}
+        if dtypes != {torch.float32}:
+            raise ValueError(f"FlatParameters needs fp32 master weights, got {dtypes}")
+        device = self.params[0].device
+        total = sum(p.numel() for p in self.params)
+        self.data = torch.empty(total, dtype=torch.float32, device=device)
+        self.grad = torch.zeros(total, dtype=torch.float32, device=device)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            self.data[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.data[offset:offset + n].view_as(p)
+            # Autograd accumulates into an existing .grad in place, so gradients land in self.grad.
+            p.grad = self.grad[offset:offset + n].view_as(p)
+            offset += n
+
+    def __len__(self) -> int:
+        return self.data.numel()
+
+    def sgd_step(self, lr: float) -> None:
+        # Plain SGD on every parameter at once: the same arithmetic as torch.optim.SGD(lr) with
+        # momentum=0 and weight_decay=0, as one kernel instead of one per tensor.
+        self.data.add_(self.grad, alpha=-lr)
+        self.grad.zero_()
+
+
+class FedAvg:
+    """The server's strategy: size-weighted average of client models, accumulated in place."""
+
+    def __init__(self, global_weights: torch.Tensor):
+        self.weights = global_weights  # fp32, the global model between rounds
+        self.accum = torch.zeros_like(global_weights, dtype=torch.float64)
+        self.total = 0
+        self.reduce: Callable[[torch.Tensor], None] | None = None  # all-reduce hook (multi-process)
+
+    def begin_round(self, total_examples: int) -> None:
+        self.total = total_examples
+        self.accum.zero_()
+
+    def add(self, client_weights: torch.Tensor, num_examples: int) -> None:
+        self.accum.add_(client_weights, alpha=num_examples / self.total)
+
+    def finish_round(self, scratch: torch.Tensor) -> float:
+        """Set the global weights to the average; return the norm of the averaged update.
+
+        ``scratch`` is any fp32 buffer of the model's size that may be overwritten (the model's
+        own flat weights, which the next client reloads anyway): no allocation of model size.
+        """
+        if self.reduce is not None:
+            self.reduce(self.accum)
+        scratch.copy_(self.accum).sub_(self.weights)
+        update_norm = torch.linalg.vector_norm(scratch)
+        self.weights.copy_(self.accum)
+        return float(update_norm)
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _batches_on_device(data: TokenTensors, lengths_cpu: np.ndarray, batches: list[np.ndarray],
+                       protocol: Protocol) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Yield (input_ids, attention_mask or None, labels) per batch, gathered on the device.
+
+    The epoch's indices go to the device in one copy; per-batch widths come from the CPU copy
+    of the lengths, so no step waits on the device to learn a shape.
+    """
+    if not batches:
+        return
+    device = data.ids.device
+    flat = torch.from_numpy(np.concatenate(batches))
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    start = 0
+    for b in batches:
+        idx = flat[start:start + len(b)]
+        start += len(b)
+        width = int(lengths_cpu[b].max()) if protocol.dynamic_padding else data.ids.shape[1]
+        ids = data.ids.index_select(0, idx)[:, :width]
+        mask = None
+        if protocol.attention_mask:
+            mask = (torch.arange(width, device=device) < data.lengths.index_select(0, idx)[:, None]).long()
+        yield ids, mask, data.labels.index_select(0, idx)
+
+
+def train_client(model: torch.nn.Module, flat: FlatParameters, data: TokenTensors, lengths_cpu: np.ndarray,
+                 shard: np.ndarray, *, epochs: int, batch_size: int, lr: float, protocol: Protocol,
+                 seed: int, round_: int, client: int, bf16: bool,
+                 on_batch: Callable[[int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, int]:
+    """Train the model (whose flat weights the caller set) on one shard; return (loss sum, examples).
+
+    The loss sum stays on the device (no host sync per step); callers read it once per client.
+    """
+    model.train()
+    # Dropout masks depend only on (seed, round, client): resuming or reordering clients
+    # reproduces them exactly.
+    torch.manual_seed(derive_seed(seed, "dropout", round_, client))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=flat.data.device)
+    seen = 0
+    for epoch in range(epochs):
+        batches = client_batches(shard, batch_size, protocol, seed, round_, client, epoch)
+        for ids, mask, labels in _batches_on_device(data, lengths_cpu, batches, protocol):
+            with autocast(flat.data.device, bf16):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = F.cross_entropy(logits.float(), labels)
+            loss.backward()
+            flat.sgd_step(lr)
+            loss_sum += loss.detach() * len(labels)
+            seen += len(labels)
+            if on_batch is not None:
+                on_batch(len(labels))
+            if should_stop is not None and should_stop():
+                raise InterruptedError("stop requested")
+    return loss_sum, seen
+
+
+def eval_batches(lengths_cpu: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Test-set batches, longest first: similar lengths share a batch, so little padding is computed."""
+    order = np.argsort(-lengths_cpu, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, data: TokenTensors, batches: list[np.ndarray], lengths_cpu: np.ndarray,
+             protocol: Protocol, bf16: bool) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy per example of the model on the WHOLE split."""
+    model.eval()
+    device = data.ids.device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for ids, mask, labels in _batches_on_device(data, lengths_cpu, batches, protocol):
+        with autocast(device, bf16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(-1) == labels).sum()
+    n = len(data)
+    return float(correct) / n, float(loss_sum) / n

