@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("report", help="tables and figures from the metrics of finished cells")
-    s.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet files (or folders to search)")
+    s.add_argument("--metrics", nargs="*", required=True, help="metrics.parquet files (or folders to search)")
     s.add_argument("--config", required=True, help="the workflow config (budgets, targets, chance levels)")
     s.add_argument("--tables-dir", required=True)
     s.add_argument("--figures-dir", required=True)

@@ -318,9 +318,10 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
                 client_loss = float(loss_sum)  # one host sync per client
                 t1 = time.perf_counter()
                 if not math.isfinite(client_loss):
+                    where = (f"the last good state is round {round_ - 1} in {str(ckpt_path)!r}" if round_ > 1
+                             else "no round had finished")
                     raise FedsweepError(
-                        f"train: loss is {client_loss} at round {round_} (client {client}); stopped, the last "
-                        f"good state is round {round_ - 1} in {str(ckpt_path)!r}"
+                        f"train: loss is {client_loss} at round {round_} (client {client}); stopped, {where}"
                     )
                 strategy.add(flat.data, len(shard))
                 # Client drift: ||x_k - x_global||, computed in place in the client's own buffer.

@@ -1,0 +1,175 @@
+"""The FedAvg engine is exact: it equals centralised SGD at K=1, is invariant to duplicated
+clients, averages by shard size, and the two protocols feed the model what they claim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedsweep.engine import PROTOCOLS, FedAvg, FlatParameters, client_batches, derive_seed, train_client
+from fedsweep.models import build_model
+from fedsweep.partition import iid_shards
+from fedsweep.tokens import load_split
+
+
+def _fedavg(model, data, shards, rounds, *, epochs=2, batch_size=16, lr=0.05, protocol="standard", seed=0):
+    """The engine's round loop, as train.run drives it (without I/O)."""
+    flat = FlatParameters(model)
+    strategy = FedAvg(flat.data.clone())
+    lengths = data.lengths.numpy()
+    total = sum(len(s) for s in shards)
+    for r in range(1, rounds + 1):
+        strategy.begin_round(total)
+        for k, shard in enumerate(shards):
+            flat.data.copy_(strategy.weights)
+            train_client(model, flat, data, lengths, shard, epochs=epochs, batch_size=batch_size, lr=lr,
+                         protocol=PROTOCOLS[protocol], seed=seed, round_=r, client=k, bf16=False)
+            strategy.add(flat.data, len(shard))
+        strategy.finish_round(scratch=flat.data)
+    return strategy.weights
+
+
+def test_k1_equals_centralised_sgd_bitwise(synth_tokens):
+    """FedAvg with one client is plain SGD over the same batches: same weights, to the bit."""
+    data = load_split(synth_tokens / "tokens", "train")
+    shard = iid_shards(len(data), 1, seed=0)[0]
+    fed = _fedavg(build_model("tiny-bert", 4, seed=3), data, [shard], rounds=2)
+
+    # Reference: an untouched model, torch.optim.SGD, batches padded from the raw token lists.
+    import pyarrow.parquet as pq
+
+    ragged = pq.read_table(synth_tokens / "tokens" / "train.parquet").column("input_ids").to_pylist()
+    labels = torch.tensor(pq.read_table(synth_tokens / "tokens" / "train.parquet").column("label").to_pylist())
+    model = build_model("tiny-bert", 4, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0, weight_decay=0.0)
+    model.train()
+    for r in (1, 2):
+        torch.manual_seed(derive_seed(0, "dropout", r, 0))
+        for epoch in range(2):
+            for b in client_batches(shard, 16, PROTOCOLS["standard"], 0, r, 0, epoch):
+                width = max(len(ragged[i]) for i in b)
+                ids = torch.tensor([ragged[i] + [0] * (width - len(ragged[i])) for i in b])
+                mask = torch.tensor([[1] * len(ragged[i]) + [0] * (width - len(ragged[i])) for i in b])
+                loss = F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    ref = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    assert torch.equal(fed, ref)
+
+
+@pytest.mark.parametrize("clients", [2, 3])
+def test_identical_shards_equal_one_client(synth_tokens, clients):
+    """K clients holding the same shard (and seeds) produce the model one of them produces alone.
+
+    Client seeds depend on the client index, so the duplicates get client 0's batch order by
+    using the 'paper' protocol (fixed order) with dropout disabled by eval-free tiny models.
+    """
+    data = load_split(synth_tokens / "tokens", "train", width=32)
+    shard = iid_shards(len(data), 2, seed=0)[0]
+
+    def model():
+        m = build_model("tiny-bert", 4, seed=5)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        return m
+
+    alone = _fedavg(model(), data, [shard], rounds=2, protocol="paper")
+    together = _fedavg(model(), data, [shard] * clients, rounds=2, protocol="paper")
+    assert torch.equal(alone, together)
+
+
+def test_weighted_average_matches_hand_computation():
+    a = torch.tensor([1.0, 2.0, -3.0, 0.5])
+    b = torch.tensor([4.0, -2.0, 1.0, 0.25])
+    c = torch.tensor([0.0, 1.0, 1.0, 8.0])
+    sizes = [10, 30, 60]
+    strategy = FedAvg(torch.zeros(4))
+    strategy.begin_round(sum(sizes))
+    for w, n in zip((a, b, c), sizes):
+        strategy.add(w, n)
+    strategy.finish_round(scratch=torch.empty(4))
+    expected = torch.tensor([
+        (10 * 1.0 + 30 * 4.0 + 60 * 0.0) / 100,
+        (10 * 2.0 + 30 * -2.0 + 60 * 1.0) / 100,
+        (10 * -3.0 + 30 * 1.0 + 60 * 1.0) / 100,
+        (10 * 0.5 + 30 * 0.25 + 60 * 8.0) / 100,
+    ])
+    assert torch.equal(strategy.weights, expected)
+
+
+def test_flat_parameters_are_views_and_receive_gradients():
+    model = build_model("tiny-albert", 3, seed=0)  # ALBERT shares its layers: each parameter once
+    flat = FlatParameters(model)
+    assert len(flat) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    start, end = flat.data.data_ptr(), flat.data.data_ptr() + flat.data.numel() * 4
+    assert all(start <= p.data_ptr() < end for p in model.parameters())
+    ids = torch.randint(1000, 2000, (2, 8))
+    F.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1])).backward()
+    assert flat.grad.abs().sum() > 0
+    assert all(start <= p.data_ptr() < end for p in model.parameters())  # still views after backward
+    before = flat.data.clone()
+    flat.sgd_step(0.1)
+    assert not torch.equal(before, flat.data) and flat.grad.abs().sum() == 0
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a model and records what the engine feeds it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls.append((input_ids.clone(), None if attention_mask is None else attention_mask.clone()))
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def _fed_inputs(synth_tokens, protocol):
+    width = 32 if protocol == "paper" else None
+    data = load_split(synth_tokens / "tokens", "train", width=width)
+    shard = iid_shards(len(data), 4, seed=0)[0]  # 64 rows: 4 batches of 16
+    model = _Recorder(build_model("tiny-bert", 4, seed=0))
+    flat = FlatParameters(model)
+    for round_ in (1, 2):
+        train_client(model, flat, data, data.lengths.numpy(), shard[:60], epochs=2, batch_size=16, lr=0.01,
+                     protocol=PROTOCOLS[protocol], seed=0, round_=round_, client=0, bf16=False)
+    return model.calls, data
+
+
+def test_paper_protocol_no_mask_fixed_order_full_padding(synth_tokens):
+    calls, data = _fed_inputs(synth_tokens, "paper")
+    assert len(calls) == 2 * 2 * 3  # 60 rows, batch 16: the partial batch of 12 is dropped
+    assert all(mask is None for _, mask in calls)
+    assert all(ids.shape == (16, 32) for ids, _ in calls)  # padded to max_length, padding attended
+    # One fixed order: every epoch of every round sees the same batches.
+    epoch_batches = [tuple(torch.cat([ids for ids, _ in calls[i:i + 3]]).flatten().tolist())
+                     for i in range(0, len(calls), 3)]
+    assert len(set(epoch_batches)) == 1
+
+
+def test_standard_protocol_masks_reshuffles_and_pads_dynamically(synth_tokens):
+    calls, data = _fed_inputs(synth_tokens, "standard")
+    assert len(calls) == 2 * 2 * 4  # the last partial batch (12 rows) is kept
+    assert [ids.shape[0] for ids, _ in calls[:4]] == [16, 16, 16, 12]
+    for ids, mask in calls:
+        assert mask is not None and mask.shape == ids.shape
+        # Dynamic padding: the batch is as wide as its longest sequence, which the mask shows.
+        assert mask.sum(1).max() == ids.shape[1]
+    def rows(ids, mask):  # each example as its unpadded token tuple
+        return [tuple(r[:int(n)].tolist()) for r, n in zip(ids, mask.sum(1))]
+
+    epochs = [[rows(*c) for c in calls[i:i + 4]] for i in range(0, len(calls), 4)]
+    assert len({tuple(e[0]) for e in epochs}) == 4  # every epoch of every round starts differently
+    assert len({frozenset(sum(e, [])) for e in epochs}) == 1  # ... over the same 60 examples
+
+
+def test_derived_seeds_are_distinct_and_stable():
+    seeds = {derive_seed(0, "order", r, k, e) for r in range(3) for k in range(4) for e in range(2)}
+    assert len(seeds) == 24
+    assert derive_seed(7, "dropout", 1, 2) == derive_seed(7, "dropout", 1, 2)
+    assert derive_seed(7, "dropout", 1, 2) != derive_seed(8, "dropout", 1, 2)
