@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth_tokens, tmp_path):
     out = tmp_path / "nan"
     # Round 1 with a sane lr, then the same run extended with an absurd lr is refused as a
     # config change; so provoke the blow-up directly: huge lr diverges within a few rounds.
-    with pytest.raises(FedsweepError, match=r"loss is (nan|inf) at round (\d+)"):
+    with pytest.raises(FedsweepError, match=r"loss is not finite at round \d+ \(client \d+\); stopped"):
         run(_cfg(synth_tokens, out, lr=1e12, rounds=5))
     assert not (out / "metrics.parquet").exists()
     if (out / "checkpoint.pt").exists():

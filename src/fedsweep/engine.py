@@ -195,7 +195,9 @@ def eval_batches(lengths_cpu: np.ndarray, batch_size: int) -> list[np.ndarray]:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data: TokenTensors, batches: list[np.ndarray], lengths_cpu: np.ndarray,
              protocol: Protocol, bf16: bool) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy per example of the model on the WHOLE split."""
+    """(number correct, summed cross-entropy) of the model over the given batches of a split.
+
+    Sums, not means, so that ranks evaluating disjoint batches can add their results."""
     model.eval()
     device = data.ids.device
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -206,5 +208,4 @@ def evaluate(model: torch.nn.Module, data: TokenTensors, batches: list[np.ndarra
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(-1) == labels).sum()
-    n = len(data)
-    return float(correct) / n, float(loss_sum) / n
+    return float(correct), float(loss_sum)

@@ -215,6 +215,76 @@ class _Progress:
               file=sys.stderr, flush=True)
 
 
+class Ranks:
+    """The processes sharing one cell (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK).
+
+    Clients are dealt round-robin over ranks; each rank adds its clients' weighted models into
+    its float64 accumulator and an all-reduce sums them (NCCL on GPUs, gloo on CPUs). Every
+    random draw depends on (seed, round, client, epoch), never on the rank, so a client trains
+    identically wherever it runs; only the order of the float64 additions changes, far below
+    fp32 resolution. One process (world 1) is the same code with the collectives skipped.
+    """
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, device
+
+    @classmethod
+    def from_env(cls, device_name: str) -> "Ranks":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls(0, 1, pick_device(device_name))
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = pick_device(device_name)
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def min(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        return self._reduce([value], dist.ReduceOp.MIN)[0]
+
+    def max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        return self._reduce([value], dist.ReduceOp.MAX)[0]
+
+    def all_reduce_sum(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def run(cfg: TrainConfig) -> pd.DataFrame:
     """Run (or resume) one cell; return its metrics. All checks happen before any compute."""
     cfg.validate()
@@ -234,7 +304,8 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
             f"batch_size={cfg.batch_size}"
         )
     num_labels = int(tmeta["num_classes"])
-    device = pick_device(cfg.device)
+    ranks = Ranks.from_env(cfg.device)
+    device = ranks.device
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hashed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _UNHASHED}
@@ -256,6 +327,7 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
         flat.data.copy_(ckpt["weights"].to(device))
     global_weights = flat.data.clone()
     strategy = FedAvg(global_weights)
+    strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
     bf16 = precision_settings(cfg.precision, device)
 
     width = tmeta["max_length"] if not protocol.dynamic_padding else None
@@ -270,7 +342,7 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
             torch.cuda.synchronize(device)
 
     label = f"{cfg.dataset or Path(cfg.tokens_dir).name}/{cfg.model}/K{len(shards.sizes)}"
-    progress = _Progress(cfg.progress, cfg.rounds, label)
+    progress = _Progress(cfg.progress if ranks.rank == 0 else "none", cfg.rounds, label)
     ids = {"dataset": cfg.dataset or tmeta["dataset"], "model": cfg.model, "clients": len(shards.sizes),
            "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": num_labels,
            "chance_accuracy": float(tmeta["chance_accuracy"])}
@@ -278,8 +350,10 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
     def evaluate_global() -> tuple[float, float, float]:
         flat.data.copy_(strategy.weights)
         t0 = time.perf_counter()
-        acc, loss = evaluate(model, test, test_batches, test_len, protocol, bf16)
-        return acc, loss, time.perf_counter() - t0
+        # Ranks split the test batches; the summed counts cover the whole test set exactly once.
+        correct, loss_sum = evaluate(model, test, test_batches[ranks.rank::ranks.world], test_len, protocol, bf16)
+        correct, loss_sum = ranks.sum([correct, loss_sum])
+        return correct / len(test), loss_sum / len(test), time.perf_counter() - t0
 
     rows: list[dict[str, Any]] = list(ckpt["metrics"]) if ckpt else []
     start_round = int(ckpt["round"]) + 1 if ckpt else 1
@@ -295,16 +369,19 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
     t_start = time.perf_counter()
     last_saved = start_round - 1
     total = sum(shards.sizes)
+    mine = list(range(ranks.rank, len(shards.indices), ranks.world))  # this rank's clients
     try:
         for round_ in range(start_round, cfg.rounds + 1):
             examples_round = sum(
-                (s - s % cfg.batch_size if protocol.drop_last else s) * cfg.epochs for s in shards.sizes
+                (shards.sizes[k] - shards.sizes[k] % cfg.batch_size if protocol.drop_last else shards.sizes[k])
+                * cfg.epochs for k in mine
             )
             progress.start_round(round_, examples_round)
             strategy.begin_round(total)
             train_secs = agg_secs = 0.0
-            loss_total, seen_total, norm_sum = 0.0, 0, 0.0
-            for client, shard in enumerate(shards.indices):
+            loss_total, seen_total, norm_sum, first_bad = 0.0, 0, 0.0, math.inf
+            for client in mine:
+                shard = shards.indices[client]
                 sync()
                 t0 = time.perf_counter()
                 flat.data.copy_(strategy.weights)
@@ -312,17 +389,13 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
                     loss_sum, seen = train_client(
                         model, flat, train, train_len, shard, epochs=cfg.epochs, batch_size=cfg.batch_size,
                         lr=cfg.lr, protocol=protocol, seed=cfg.seed, round_=round_, client=client, bf16=bf16,
-                        on_batch=progress.step, should_stop=stop)
+                        on_batch=progress.step, should_stop=stop if ranks.world == 1 else None)
                 except InterruptedError:
                     raise Interrupted() from None
                 client_loss = float(loss_sum)  # one host sync per client
                 t1 = time.perf_counter()
                 if not math.isfinite(client_loss):
-                    where = (f"the last good state is round {round_ - 1} in {str(ckpt_path)!r}" if round_ > 1
-                             else "no round had finished")
-                    raise FedsweepError(
-                        f"train: loss is {client_loss} at round {round_} (client {client}); stopped, {where}"
-                    )
+                    first_bad = min(first_bad, client)
                 strategy.add(flat.data, len(shard))
                 # Client drift: ||x_k - x_global||, computed in place in the client's own buffer.
                 norm_sum += float(torch.linalg.vector_norm(flat.data.sub_(strategy.weights)))
@@ -332,12 +405,20 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
                 agg_secs += t2 - t1
                 loss_total += client_loss
                 seen_total += seen
+            loss_total, seen_total, norm_sum = ranks.sum([loss_total, seen_total, norm_sum])
+            first_bad = ranks.min(first_bad)
+            if math.isfinite(first_bad):
+                where = (f"the last good state is round {round_ - 1} in {str(ckpt_path)!r}" if round_ > 1
+                         else "no round had finished")
+                raise FedsweepError(
+                    f"train: loss is not finite at round {round_} (client {int(first_bad)}); stopped, {where}"
+                )
             t0 = time.perf_counter()
             mean_norm = strategy.finish_round(scratch=flat.data)
             sync()
             agg_secs += time.perf_counter() - t0
             row = {"round": round_, "test_accuracy": float("nan"), "test_loss": float("nan"),
-                   "train_loss": loss_total / seen_total, "examples": seen_total, "train_seconds": train_secs,
+                   "train_loss": loss_total / seen_total, "examples": int(seen_total), "train_seconds": train_secs,
                    "aggregate_seconds": agg_secs, "eval_seconds": 0.0,
                    "client_update_norm": norm_sum / len(shards.indices), "mean_update_norm": mean_norm}
             if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
@@ -345,18 +426,22 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
             rows.append(row)
             progress.end_round(row)
             if round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds:
-                _save_checkpoint(ckpt_path, strategy.weights, round_, rows, cfg_hash, hashed)
+                if ranks.rank == 0:
+                    _save_checkpoint(ckpt_path, strategy.weights, round_, rows, cfg_hash, hashed)
                 last_saved = round_
-            if stop():
+            # Ranks stop together, at a round boundary (a signal may reach them at different times).
+            if ranks.max(float(stop())) > 0:
                 raise Interrupted()
     except (Interrupted, FedsweepError) as exc:
         # The global weights are those of the last finished round: save them if not yet saved.
         done = rows[-1]["round"] if rows else 0
-        if done > last_saved:
+        if done > last_saved and ranks.rank == 0:
             _save_checkpoint(ckpt_path, strategy.weights, done, rows, cfg_hash, hashed)
         if isinstance(exc, Interrupted):
             print(f"[{label}] SIGTERM: saved round {done} to {ckpt_path}; rerun to resume", file=sys.stderr)
+            ranks.close()
             raise SystemExit(143) from None
+        ranks.close()
         raise
     finally:
         stop.uninstall()
@@ -379,10 +464,13 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
         "final_test_accuracy": float(metrics["test_accuracy"].dropna().iloc[-1]),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    write_parquet(out / "metrics.parquet", metrics)
-    write_json(out / "run.json", summary)
-    if not cfg.keep_checkpoint and ckpt_path.exists():
-        ckpt_path.unlink()
+    summary["world_size"] = ranks.world
+    if ranks.rank == 0:
+        write_parquet(out / "metrics.parquet", metrics)
+        write_json(out / "run.json", summary)
+        if not cfg.keep_checkpoint and ckpt_path.exists():
+            ckpt_path.unlink()
+    ranks.close()
     return metrics
 
 
