@@ -72,6 +72,17 @@ def cmd_train(a: argparse.Namespace) -> None:
           f"{last['test_accuracy']:.4f} -> {a.out_dir}")
 
 
+def cmd_fetch(a: argparse.Namespace) -> None:
+    from .io import write_json
+    from .models import fetch, load_tokenizer
+
+    record = fetch(a.model)
+    load_tokenizer(a.model)  # the tokenizer files are in the cache (and the fast one builds)
+    if a.out:
+        write_json(a.out, record)
+    print(f"fetched {a.model} ({record['kind']}): {record['path']}")
+
+
 def cmd_report(a: argparse.Namespace) -> None:
     from .report import make_report
 
@@ -128,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-keep-checkpoint", dest="keep_checkpoint", action="store_false", default=None)
     s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("fetch", help="download a model's weights and tokenizer into the HF cache (head node)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", help="marker JSON written when done")
+    s.set_defaults(func=cmd_fetch)
 
     s = sub.add_parser("report", help="tables and figures from the metrics of finished cells")
     s.add_argument("--metrics", nargs="*", required=True, help="metrics.parquet files (or folders to search)")

@@ -108,7 +108,10 @@ def build_model(spec: str, num_labels: int, seed: int) -> torch.nn.Module:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+            # ignore_mismatched_sizes: a checkpoint that is already a classifier with another
+            # number of classes gets a fresh head instead of an error.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, ignore_mismatched_sizes=True)
         except (OSError, ValueError) as exc:
             raise FedsweepError(
                 f"model {spec!r}: cannot load from a local directory, the hub or its cache "
@@ -121,3 +124,30 @@ def build_model(spec: str, num_labels: int, seed: int) -> torch.nn.Module:
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# Files a classifier fine-tune needs from a hub repository: config, weights, tokenizer.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.spm"]
+
+
+def fetch(spec: str) -> dict[str, Any]:
+    """Download a model spec's weights and tokenizer into the Hugging Face cache (``HF_HOME``).
+
+    Run where there is network (the workflow makes this a local rule on the head node); compute
+    jobs then load with ``HF_HUB_OFFLINE=1``. Bundled, tiny and local-directory specs need nothing.
+    Returns a record of what was fetched (written by the workflow as a marker file).
+    """
+    if spec in TINY_FAMILIES:
+        return {"spec": spec, "kind": "tiny", "path": minilm_path()}
+    source = resolve(spec)
+    if spec in MINILM_ALIASES or Path(source).is_dir():
+        return {"spec": spec, "kind": "local", "path": source}
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id=source, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # network, auth or a wrong id: the message says which
+        raise FedsweepError(f"model {spec!r}: download failed ({str(exc).splitlines()[0]})") from exc
+    # Prefer safetensors: when both exist, skip nothing, but record what the snapshot holds.
+    files = sorted(p.name for p in Path(path).iterdir())
+    return {"spec": spec, "kind": "hub", "repo_id": source, "path": path, "files": files}
