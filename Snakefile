@@ -1,0 +1,29 @@
+# fedsweep: federated fine-tuning sweeps (FedAvg over K clients) of Transformer classifiers,
+# reproducing Hilmkil et al. 2021. Every computation is a `fedsweep` CLI call; this workflow
+# only wires the stages together. See README.md.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+# config/config.yaml is the default; a --configfile given on the command line REPLACES it (instead
+# of being merged into it), so `--configfile config/demo.yaml` runs exactly the demo's grid.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/partition.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

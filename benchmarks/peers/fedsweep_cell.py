@@ -1,0 +1,44 @@
+"""The cell with fedsweep's engine: one model whose parameters live in one flat buffer, every
+client trained on it in turn (loading the global weights is one copy), FedAvg accumulated in
+place. The same loop as fedsweep.train.run, minus its checkpoints, progress and round-0 eval.
+
+    python benchmarks/peers/fedsweep_cell.py '{"clients": 8}'
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cell import PROTOCOL, Cell, Data, PeakRSS, now, report
+from fedsweep.engine import FedAvg, FlatParameters, train_client
+from fedsweep.models import build_model
+
+
+def main() -> None:
+    cell = Cell.from_argv()
+    torch.set_num_threads(cell.threads)
+    data = Data(cell)
+    mem = PeakRSS()
+    t0 = now()
+    model = build_model(cell.model, 4, seed=cell.seed)
+    flat = FlatParameters(model)
+    strategy = FedAvg(flat.data.clone())
+    t1 = now()
+    for round_ in range(1, cell.rounds + 1):
+        strategy.begin_round(sum(len(s) for s in data.shards))
+        for client, shard in enumerate(data.shards):
+            flat.data.copy_(strategy.weights)
+            loss_sum, _ = train_client(model, flat, data.train, data.train_len, shard, epochs=cell.epochs,
+                                       batch_size=cell.batch_size, lr=cell.lr, protocol=PROTOCOL, seed=cell.seed,
+                                       round_=round_, client=client, bf16=False)
+            float(loss_sum)  # the per-client host sync train.run does too
+            strategy.add(flat.data, len(shard))
+        strategy.finish_round(scratch=flat.data)
+    t2 = now()
+    flat.data.copy_(strategy.weights)
+    acc = data.accuracy(model)
+    report(cell, "fedsweep", now() - t0, t2 - t1, acc, mem.stop_mib())
+
+
+if __name__ == "__main__":
+    main()

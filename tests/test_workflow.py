@@ -1,0 +1,355 @@
+"""The Snakemake workflow: lint, formatting, the paper grid's DAG, config errors, and the offline
+demo end to end (tables, figures, and `snakemake figures` from cached metrics alone).
+
+Every run happens in a temporary copy of the workflow files, so results never land in the repo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs")
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    # the `fedsweep` executable lives beside this interpreter
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
+FIGURES = ("accuracy_vs_clients", "rounds_to_target", "accuracy_per_round")
+
+
+def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: float = 900,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env={**ENV, **(env or {})}, capture_output=True,
+        text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a snakemake run or dry run: rule -> number of jobs."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "Job stats:":
+            for row in lines[i + 3:]:
+                m = re.fullmatch(r"(\w+)\s+(\d+)", row.strip())
+                if not m:
+                    break
+                counts[m.group(1)] = int(m.group(2))
+            break
+    counts.pop("total", None)
+    return counts
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# ----------------------------------------------------------------------------- static checks
+
+
+def test_lint_reports_nothing(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    proc = snakemake(work, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Lints for" not in out, out
+    assert "Congratulations, your workflow is in a good condition!" in out
+
+
+def test_snakefmt_check():
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_schema_documents_every_train_key():
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    keys = set(schema["definitions"]["train"]["properties"])
+    from fedsweep.train import TrainConfig
+
+    cli_fields = set(TrainConfig.__dataclass_fields__)
+    assert keys - {"max_length"} <= cli_fields  # every key maps to a `fedsweep train` option
+    assert {"epochs", "batch_size", "lr", "protocol", "precision", "eval_every"} <= keys
+
+
+# ----------------------------------------------------------------------------- the paper's DAG
+
+
+def test_paper_grid_dry_run_has_54_training_jobs(tmp_path, monkeypatch):
+    work = copy_workflow(tmp_path / "wf")
+    netblock = ROOT / "tests" / "netblock"  # a sitecustomize that refuses and logs any connection
+    netlog = tmp_path / "net.log"
+    if (netblock / "sitecustomize.py").exists():
+        monkeypatch.setitem(ENV, "PYTHONPATH", os.pathsep.join(filter(None, [str(netblock), ENV.get("PYTHONPATH")])))
+        monkeypatch.setitem(ENV, "FEDSWEEP_NETLOG", str(netlog))
+    proc = snakemake(work, "-n", "--quiet", "rules", timeout=300)
+    assert not netlog.exists() or not netlog.read_text().strip(), netlog.read_text()
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train"] == 54  # 3 models x 3 data sets x 6 K x 1 seed
+    assert counts["prepare_data"] == 3
+    # bert-base-cased and distilbert-base-cased share a tokenizer: 2 tokenisations per data set
+    assert counts["tokenize"] == 6
+    assert counts["partition"] == 18  # shards are shared by the models
+    assert counts["report"] == 1 and counts["all"] == 1
+    assert not (work / "results").exists()  # a dry run downloads nothing
+
+
+def test_paper_grid_paths_and_overrides(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["overrides"] = [
+        {"model": "distilbert-base-cased", "dataset": "ag_news", "set": {"protocol": "paper"}},
+        {"clients": [16, 32], "set": {"eval_every": 5}},
+        {"model": "distilbert-base-cased", "dataset": "ag_news", "clients": 32, "set": {"eval_every": 2}},
+        {"model": "albert-base-v1", "dataset": "yelp_review_full", "set": {"max_length": 256}},
+    ]
+    write_config(work / "config/override.yaml", config)
+    proc = snakemake(work, "-n", "-p", "--configfile", "config/override.yaml", timeout=300)
+    out = proc.stdout
+    train_cmds = [line for line in out.splitlines() if "fedsweep train" in line]
+    assert len(train_cmds) == 54
+    paper = [c for c in train_cmds if "--protocol paper" in c]
+    assert len(paper) == 6 and all("--model distilbert-base-cased" in c and "ag_news" in c for c in paper)
+    every5 = [c for c in train_cmds if "--eval-every 5" in c]
+    assert len(every5) == 3 * 3 * 2 - 1  # the later, more specific entry wins for one cell
+    assert sum("--eval-every 2" in c for c in train_cmds) == 1
+    # the paper trains to the second threshold; budgets only matter to the report
+    assert all("--rounds 200" in c for c in train_cmds if "--dataset imdb" in c)
+    assert all("--rounds 100" in c for c in train_cmds if "--dataset yelp_review_full" in c)
+    assert "results/tokens/ag_news/bert-base-cased_L128/meta.json" in out
+    # a cell's max_length picks its tokens: one more tokenisation, used by that model's cells only
+    assert job_counts(out)["tokenize"] == 6
+    assert "--max-length 256 --out-dir results/tokens/yelp_review_full/albert-base-v1_L256" in out
+    assert "results/tokens/yelp_review_full/albert-base-v1_L128" not in out
+    assert "results/shards/imdb/iid_K32_seed0.parquet" in out
+    assert "results/runs/yelp_review_full/albert-base-v1/K16_seed0/metrics.parquet" in out
+    assert "checkpoint.pt" not in out  # kept in the run folder, never a declared output
+
+
+def test_downloads_on_head_node_compute_jobs_offline(tmp_path):
+    """Data sets and models are fetched by local rules; every other job runs offline (HF_*_OFFLINE=1)
+    against the same absolute HF_HOME cache; a 2-GPU cell is launched with torchrun."""
+    work = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["models"]["albert-base-v1"]["resources"] = {"gpus": 2}
+    write_config(work / "config/gpus.yaml", config)
+    out = snakemake(work, "-n", "-p", "--configfile", "config/gpus.yaml", timeout=300).stdout
+    cache = str(work / "cache" / "huggingface")
+    shells = [line for line in out.splitlines() if " fedsweep " in line or "-m fedsweep" in line]
+    fetch = [c for c in shells if "fedsweep fetch" in c]
+    assert sorted(re.findall(r"--model (\S+)", " ".join(fetch))) == ["albert-base-v1", "bert-base-cased",
+                                                                     "distilbert-base-cased"]
+    for cmd in shells:
+        online = "fedsweep fetch" in cmd or "fedsweep prepare" in cmd
+        assert f"HF_HOME='{cache}'" in cmd
+        assert ("HF_HUB_OFFLINE=1" in cmd) != online, cmd
+        assert ("HF_DATASETS_OFFLINE=1" in cmd) != online, cmd
+    snakefile_rules = (work / "workflow/rules/data.smk").read_text()
+    assert re.search(r"localrules:\s+prepare_data,\s+fetch_model,", snakefile_rules)
+    train = [c for c in shells if " train " in c]
+    torchrun = [c for c in train if "torch.distributed.run --standalone --nproc-per-node 2 -m fedsweep train" in c]
+    assert len(torchrun) == 18 and all("--model albert-base-v1" in c for c in torchrun)
+
+
+def test_dirichlet_partition_and_results_dir(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["partition"] = {"scheme": "dirichlet", "alpha": 0.5}
+    write_config(work / "config/skew.yaml", config)
+    proc = snakemake(
+        work, "-n", "-p", "--configfile", "config/skew.yaml", "--config", "results_dir=out/paper", timeout=300,
+    )
+    out = proc.stdout
+    assert "out/paper/shards/imdb/dirichlet-a0.5_K8_seed0.parquet" in out
+    assert "--scheme dirichlet --alpha 0.5" in out
+    assert "out/paper/runs/ag_news/bert-base-cased/K1_seed0/metrics.parquet" in out
+    assert job_counts(out)["train"] == 54
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+def _quick_config() -> dict:
+    return {
+        "clients": [1, 2],
+        "models": {"tiny-bert": {"tokenizer": "minilm", "train": {"lr": 0.1}}},
+        "datasets": {
+            "synthetic": {
+                "spec": {"source": "synthetic", "num_classes": 4, "train_size": 128, "test_size": 64},
+                "budget": 1, "second_threshold": 2,
+            }
+        },
+        "train": {"epochs": 1, "batch_size": 16, "max_length": 32},
+    }
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(clients=[0, 2]), "config: clients=[0, 2]: every K must be an integer >= 1"),
+        (lambda c: c["datasets"]["synthetic"].update(budget=5),
+         "config: datasets.synthetic.budget=5 exceeds datasets.synthetic.second_threshold=2"),
+        (lambda c: c.update(overrides=[{"model": "bert", "set": {"lr": 0.1}}]),
+         "config: overrides[0].model='bert' is not in the config's models (tiny-bert)"),
+        (lambda c: c["models"]["tiny-bert"]["train"].update(lr=-1),
+         "config: models.tiny-bert.train.lr=-1: -1 is less than or equal to the minimum of 0"),
+        (lambda c: c["train"].update(protocol="fast"), "config: train.protocol='fast': 'fast' is not one of"),
+        (lambda c: c.update(modelz={}), "config: (top level): Additional properties are not allowed ('modelz'"),
+        (lambda c: c.update(clients=[1, 16]), "config: clients=16 splits the 128 training rows of datasets.synthetic"),
+        (lambda c: c["models"].update({"bad/name": {}}), "config: models: name 'bad/name' is not a filesystem-safe slug"),
+    ],
+    ids=["clients0", "budget", "override-model", "lr", "protocol", "unknown-key", "tiny-shards", "model-slug"],
+)
+def test_bad_config_fails_with_one_line_naming_the_field(tmp_path, change, message):
+    work = copy_workflow(tmp_path / "wf")
+    config = _quick_config()
+    change(config)
+    write_config(work / "config/bad.yaml", config)
+    proc = snakemake(work, "-n", "--configfile", "config/bad.yaml", check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    lines = [line for line in out.splitlines() if line.startswith("config: ")]
+    assert len(lines) == 1 and lines[0].startswith(message), out
+
+
+# ----------------------------------------------------------------------------- the demo, end to end
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The offline demo (config/demo.yaml) run once, whole, in a temporary copy."""
+    work = copy_workflow(tmp_path_factory.mktemp("demo"))
+    # Every job runs with a sitecustomize that refuses and logs any non-loopback connection.
+    netblock = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "netblock"), ENV.get("PYTHONPATH")])),
+                "FEDSWEEP_NETLOG": str(work / "net.log")}
+    t0 = time.perf_counter()
+    proc = snakemake(work, "--cores", "2", "--configfile", "config/demo.yaml", timeout=900, env=netblock)
+    return work, time.perf_counter() - t0, proc
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(demo):
+    work, seconds, proc = demo
+    config = yaml.safe_load((work / "config/demo.yaml").read_text())
+    results = work / config.get("results_dir", "results")
+    cells = len(config["datasets"]) * len(config["models"]) * len(config["clients"]) * len(config.get("seeds", [0]))
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train"] == cells
+    print(f"demo: {cells} cells in {seconds:.0f} s")
+
+    for dataset, ds in config["datasets"].items():
+        for model in config["models"]:
+            for k in config["clients"]:
+                run = results / "runs" / dataset / model / f"K{k}_seed0"
+                metrics = pd.read_parquet(run / "metrics.parquet")
+                assert metrics["round"].max() == ds["second_threshold"]
+                assert (run / "run.json").exists() and (run / "checkpoint.pt").exists()
+                assert (results / "benchmarks/train" / dataset / model / f"K{k}_seed0.tsv").exists()
+                assert (results / "logs/train" / dataset / model / f"K{k}_seed0.log").stat().st_size > 0
+
+    acc = pd.read_csv(results / "tables/accuracy_at_budget.csv")
+    acc = acc[acc["seed"].astype(str) != "mean"]  # one row per seed (plus seed-mean rows)
+    assert len(acc) == cells
+    assert acc["accuracy"].between(0, 1).all()
+    assert (acc["round_used"] == acc["dataset"].map({d: v["budget"] for d, v in config["datasets"].items()})).all()
+    base = acc[acc["clients"] == 1]
+    assert (base["ratio"] == 1).all()
+    # the K=1 baselines learn: well above chance (the test set's majority share)
+    assert (base["accuracy"] > base["chance_accuracy"] + 0.15).all(), base
+
+    rounds = pd.read_csv(results / "tables/rounds_to_target.csv")
+    rounds = rounds[rounds["seed"].astype(str) != "mean"]
+    assert len(rounds) == cells
+    assert rounds.loc[rounds["clients"] == 1, "reached"].all()
+    # the demo shows what the paper is about: some cells never reach 90% of their baseline
+    assert (~rounds["reached"].astype(bool)).any(), rounds
+    assert rounds["status"].str.startswith("not reached").any(), rounds
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (results / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    assert (results / "figures/accuracy_vs_clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # No job (training included) tried to reach the network, and the models were "fetched".
+    assert not (work / "net.log").exists() or not (work / "net.log").read_text().strip()
+    assert {p.stem for p in (results / "models").glob("*.json")} == {"tiny-bert", "tiny-albert", "tiny-distilbert", "minilm"}
+
+    again = snakemake(work, "-n", "--configfile", "config/demo.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_figures_from_cached_metrics_only(demo, tmp_path):
+    src, _, _ = demo
+    work = tmp_path / "wf"
+    shutil.copytree(src, work, symlinks=True)  # keeps mtimes and .snakemake's records
+    results = work / "results"
+    for stage in ("data", "tokens", "shards", "tables", "figures"):
+        shutil.rmtree(results / stage)
+    metrics = sorted(results.glob("runs/*/*/K*_seed*/metrics.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in metrics}
+
+    dry = snakemake(work, "figures", "-n", "--configfile", "config/demo.yaml")
+    assert job_counts(dry.stdout + dry.stderr) == {"figures": 1}
+
+    # A config change that would retrain every cell under `all` still only reruns the report.
+    config = yaml.safe_load((work / "config/demo.yaml").read_text())
+    config["train"]["lr"] = 0.123
+    config["target_fraction"] = 0.8
+    write_config(work / "config/changed.yaml", config)
+    proc = snakemake(work, "figures", "--cores", "2", "--configfile", "config/changed.yaml")
+    assert set(job_counts(proc.stdout + proc.stderr)) <= {"figures", "report_config"}
+    for stage in ("data", "tokens", "shards"):
+        assert not (results / stage).exists()
+    assert {p: p.stat().st_mtime_ns for p in metrics} == before
+    rounds = pd.read_csv(results / "tables/rounds_to_target.csv")
+    assert (rounds["seed"].astype(str) != "mean").sum() == len(metrics)
+    assert (rounds["target_accuracy"] > 0).all()
+    for name in FIGURES:
+        assert (results / "figures" / f"{name}.png").exists()
+
+    # up to date now; a rewritten metrics file makes it stale again
+    assert "Nothing to be done" in (p := snakemake(work, "figures", "-n", "--configfile", "config/changed.yaml")).stdout + p.stderr
+    os.utime(metrics[0])
+    dry = snakemake(work, "figures", "-n", "--configfile", "config/changed.yaml")
+    assert job_counts(dry.stdout + dry.stderr) == {"figures": 1}
+
+
+@pytest.mark.slow
+def test_report_html(demo, tmp_path):
+    src, _, _ = demo
+    work = tmp_path / "wf"
+    shutil.copytree(src, work, symlinks=True)
+    snakemake(work, "--configfile", "config/demo.yaml", "--report", "report.zip", timeout=300)
+    assert (work / "report.zip").stat().st_size > 10_000

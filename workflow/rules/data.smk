@@ -1,0 +1,64 @@
+# Downloads run on the head node (compute nodes often have no internet), into HF_HOME.
+localrules:
+    prepare_data,
+    fetch_model,
+
+
+rule prepare_data:
+    output:
+        train=f"{RESULTS}/data/{{dataset}}/train.parquet",
+        test=f"{RESULTS}/data/{{dataset}}/test.parquet",
+        meta=f"{RESULTS}/data/{{dataset}}/meta.json",
+    log:
+        f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
+    conda:
+        ENV
+    params:
+        spec=lambda wildcards: json.dumps(
+            config["datasets"][wildcards.dataset].get("spec", {}), sort_keys=True
+        ),
+        out_dir=lambda wildcards, output: os.path.dirname(output.meta),
+    shell:
+        ONLINE_ENV
+        + " fedsweep prepare --name {wildcards.dataset} --spec {params.spec:q}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# A model's weights and tokenizer into the cache (a no-op record for bundled, tiny and local ones).
+rule fetch_model:
+    output:
+        f"{RESULTS}/models/{{spec_slug}}.json",
+    log:
+        f"{RESULTS}/logs/fetch_model/{{spec_slug}}.log",
+    conda:
+        ENV
+    params:
+        spec=lambda wildcards: FETCH[wildcards.spec_slug],
+    shell:
+        ONLINE_ENV
+        + " fedsweep fetch --model {params.spec:q} --out {output} > {log} 2>&1"
+
+
+rule tokenize:
+    input:
+        tokenizer=f"{RESULTS}/models/{{tokenizer}}.json",
+        train=f"{RESULTS}/data/{{dataset}}/train.parquet",
+        test=f"{RESULTS}/data/{{dataset}}/test.parquet",
+        meta=f"{RESULTS}/data/{{dataset}}/meta.json",
+    output:
+        train=f"{RESULTS}/tokens/{{dataset}}/{{tokenizer}}_L{{max_length}}/train.parquet",
+        test=f"{RESULTS}/tokens/{{dataset}}/{{tokenizer}}_L{{max_length}}/test.parquet",
+        meta=f"{RESULTS}/tokens/{{dataset}}/{{tokenizer}}_L{{max_length}}/meta.json",
+    log:
+        f"{RESULTS}/logs/tokenize/{{dataset}}/{{tokenizer}}_L{{max_length}}.log",
+    conda:
+        ENV
+    threads: config["threads"]["tokenize"]
+    params:
+        tokenizer=lambda wildcards: TOKENIZERS[wildcards.tokenizer],
+        data_dir=lambda wildcards, input: os.path.dirname(input.meta),
+        out_dir=lambda wildcards, output: os.path.dirname(output.meta),
+    shell:
+        OFFLINE_ENV + " RAYON_NUM_THREADS={threads} OMP_NUM_THREADS={threads}"
+        " fedsweep tokenize --data-dir {params.data_dir} --tokenizer {params.tokenizer:q}"
+        " --max-length {wildcards.max_length} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,19 @@
+rule partition:
+    input:
+        train=f"{RESULTS}/data/{{dataset}}/train.parquet",
+        meta=f"{RESULTS}/data/{{dataset}}/meta.json",
+    output:
+        f"{RESULTS}/shards/{{dataset}}/{{scheme}}_K{{clients}}_seed{{seed}}.parquet",
+    log:
+        f"{RESULTS}/logs/partition/{{dataset}}/{{scheme}}_K{{clients}}_seed{{seed}}.log",
+    conda:
+        ENV
+    params:
+        data_dir=lambda wildcards, input: os.path.dirname(input.meta),
+        scheme=PARTITION["scheme"],
+        alpha=f"--alpha {PARTITION['alpha']}" if "alpha" in PARTITION else "",
+    shell:
+        OFFLINE_ENV
+        + " fedsweep partition --data-dir {params.data_dir} --clients {wildcards.clients}"
+        " --seed {wildcards.seed} --scheme {params.scheme} {params.alpha}"
+        " --out {output} > {log} 2>&1"
