@@ -68,7 +68,7 @@ def test_eval_every_and_extension_resumes(synth_tokens, tmp_path):
 
 def test_resume_after_sigkill_mid_round_gives_identical_metrics(synth_tokens, tmp_path):
     args = ["--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 4),
-            "--model", "tiny-bert", "--rounds", "8", "--epochs", "2", "--batch-size", "16", "--lr", "0.05",
+            "--model", "tiny-bert", "--rounds", "5", "--epochs", "1", "--batch-size", "16", "--lr", "0.05",
             "--progress", "lines"]
     straight = tmp_path / "straight"
     assert main(["train", *args, "--out-dir", str(straight)]) == 0
@@ -76,10 +76,10 @@ def test_resume_after_sigkill_mid_round_gives_identical_metrics(synth_tokens, tm
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fedsweep", "train", *args, "--out-dir", str(killed)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    # Wait for round 3's line, then kill while round 4 trains (its checkpoint is not yet written).
+    # Wait for round 2's line, then kill while round 3 trains (its checkpoint is not yet written).
     deadline = time.time() + 120
     for line in proc.stderr:
-        if "round 3/8" in line or time.time() > deadline:
+        if "round 2/5" in line or time.time() > deadline:
             break
     time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -87,7 +87,7 @@ def test_resume_after_sigkill_mid_round_gives_identical_metrics(synth_tokens, tm
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "metrics.parquet").exists()  # nothing that looks complete
     ckpt = torch.load(killed / "checkpoint.pt", weights_only=False)
-    assert 3 <= ckpt["round"] < 8
+    assert 2 <= ckpt["round"] < 5
     assert main(["train", *args, "--out-dir", str(killed)]) == 0
     a = pd.read_parquet(straight / "metrics.parquet").drop(columns=TIMING)
     b = pd.read_parquet(killed / "metrics.parquet").drop(columns=TIMING)

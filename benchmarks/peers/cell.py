@@ -75,9 +75,21 @@ class Data:
         # The seed train_client uses: every implementation draws the same dropout masks.
         torch.manual_seed(derive_seed(self.cell.seed, "dropout", round_, client))
 
-    def accuracy(self, model: torch.nn.Module) -> float:
-        correct, _ = evaluate(model, self.test, eval_batches(self.test_len, 256), self.test_len, PROTOCOL, False)
-        return correct / len(self.test)
+    def evaluate(self, model: torch.nn.Module) -> tuple[float, float]:
+        """(accuracy, mean loss) on the test rows: the loss tells apart models the accuracy may not."""
+        correct, loss = evaluate(model, self.test, eval_batches(self.test_len, 256), self.test_len, PROTOCOL, False)
+        return correct / len(self.test), loss / len(self.test)
+
+
+_PER_PROCESS: dict = {}
+
+
+def per_process(key, make):
+    """One object per process and key: Flower's Ray actors keep it between messages (this
+    module is imported by reference in the actors, so its globals live as long as the actor)."""
+    if key not in _PER_PROCESS:
+        _PER_PROCESS[key] = make()
+    return _PER_PROCESS[key]
 
 
 class PeakRSS:
@@ -89,6 +101,7 @@ class PeakRSS:
 
         self.me = psutil.Process()
         self.peak = 0
+        self.seen: set = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -98,9 +111,23 @@ class PeakRSS:
         for p in [self.me, *self.me.children(recursive=True)]:
             try:
                 total += p.memory_info().rss
+                self.seen.add(p)  # psutil.Process: equal only if pid AND start time match
             except Exception:  # a process that just ended
                 pass
         return total
+
+    def reap(self) -> None:
+        """End the descendants seen that outlived their parent: after run_simulation returned,
+        Ray's actor processes were seen orphaned and still busy for tens of seconds, which
+        would slow whatever the benchmark runs next."""
+        import psutil
+
+        left = [p for p in self.seen if p != self.me and p.is_running()]
+        for p in left:
+            p.terminate()
+        _, alive = psutil.wait_procs(left, timeout=5)
+        for p in alive:
+            p.kill()
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
@@ -113,14 +140,18 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def report(cell: Cell, impl: str, wall: float, train: float, accuracy: float, peak_mib: float) -> None:
+def report(cell: Cell, impl: str, wall: float, rounds: list[float], test: tuple[float, float],
+           peak_mib: float) -> None:
     """Print the one JSON line bench_peers.py reads."""
     import resource
 
-    examples = cell.examples // cell.clients * cell.clients * cell.epochs * cell.rounds
+    per_round = cell.examples // cell.clients * cell.clients * cell.epochs
+    train = sum(rounds)
     print(json.dumps({"impl": impl, "clients": cell.clients, "model": cell.model, "wall_s": wall,
-                      "train_s": train, "examples": examples, "examples_per_s": examples / train,
-                      "accuracy": accuracy, "peak_rss_mib": peak_mib,
+                      "train_s": train, "round_s": rounds, "examples": per_round * cell.rounds,
+                      "examples_per_s": per_round * cell.rounds / train,
+                      "last_round_examples_per_s": per_round / rounds[-1],
+                      "accuracy": test[0], "test_loss": test[1], "peak_rss_mib": peak_mib,
                       "self_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 

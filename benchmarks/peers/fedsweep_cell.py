@@ -23,8 +23,9 @@ def main() -> None:
     model = build_model(cell.model, 4, seed=cell.seed)
     flat = FlatParameters(model)
     strategy = FedAvg(flat.data.clone())
-    t1 = now()
+    rounds = []
     for round_ in range(1, cell.rounds + 1):
+        t1 = now()
         strategy.begin_round(sum(len(s) for s in data.shards))
         for client, shard in enumerate(data.shards):
             flat.data.copy_(strategy.weights)
@@ -34,10 +35,10 @@ def main() -> None:
             float(loss_sum)  # the per-client host sync train.run does too
             strategy.add(flat.data, len(shard))
         strategy.finish_round(scratch=flat.data)
-    t2 = now()
+        rounds.append(now() - t1)
     flat.data.copy_(strategy.weights)
-    acc = data.accuracy(model)
-    report(cell, "fedsweep", now() - t0, t2 - t1, acc, mem.stop_mib())
+    test = data.evaluate(model)
+    report(cell, "fedsweep", now() - t0, rounds, test, mem.stop_mib())
 
 
 if __name__ == "__main__":

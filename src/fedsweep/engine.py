@@ -62,7 +62,13 @@ def client_batches(shard: np.ndarray, batch_size: int, protocol: Protocol, seed:
 
 
 class FlatParameters:
-    """The trainable parameters of a model, and their gradients, as views into two flat buffers."""
+    """The trainable parameters of a model as views into one flat fp32 buffer.
+
+    Loading the global model into a client, averaging and measuring drift are then single
+    vector operations over ``data``. Gradients are left to autograd (each backward allocates
+    them, ``sgd_step`` consumes and frees them): accumulating into a flat gradient buffer would
+    cost an extra read-modify-write and a zeroing pass over all parameters every step.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.params = [p for p in model.parameters() if p.requires_grad]  # shared params appear once
@@ -72,24 +78,26 @@ class FlatParameters:
         device = self.params[0].device
         total = sum(p.numel() for p in self.params)
         self.data = torch.empty(total, dtype=torch.float32, device=device)
-        self.grad = torch.zeros(total, dtype=torch.float32, device=device)
         offset = 0
         for p in self.params:
             n = p.numel()
             self.data[offset:offset + n].copy_(p.detach().reshape(-1))
             p.data = self.data[offset:offset + n].view_as(p)
-            # Autograd accumulates into an existing .grad in place, so gradients land in self.grad.
-            p.grad = self.grad[offset:offset + n].view_as(p)
+            p.grad = None
             offset += n
 
     def __len__(self) -> int:
         return self.data.numel()
 
+    @torch.no_grad()
     def sgd_step(self, lr: float) -> None:
-        # Plain SGD on every parameter at once: the same arithmetic as torch.optim.SGD(lr) with
-        # momentum=0 and weight_decay=0, as one kernel instead of one per tensor.
-        self.data.add_(self.grad, alpha=-lr)
-        self.grad.zero_()
+        # Plain SGD, p <- p - lr * g: the arithmetic of torch.optim.SGD(lr) with momentum=0 and
+        # weight_decay=0, as one multi-tensor kernel on GPUs. A parameter without a gradient
+        # this step (unused by the forward) is left unchanged, as torch.optim.SGD leaves it.
+        params = [p for p in self.params if p.grad is not None]
+        torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
+        for p in params:
+            p.grad = None
 
 
 class FedAvg:
