@@ -111,9 +111,10 @@ def measure(s: Setup, name: str, clients: int, train, test) -> dict:
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
     for r in range(s.warmup):  # warm-up rounds: allocator, cuDNN/cuBLAS choices, compilation
-        one_round(-1 - r)
-    seconds = one_round(0)
-    batches = [b for k, shard in enumerate(shards) for b in client_batches(shard, s.batch_size, protocol, 0, 0, k, 0)]
+        one_round(r)
+    seconds = one_round(s.warmup)  # a new round: new batch orders, so new widths with dynamic padding
+    batches = [b for k, shard in enumerate(shards)
+               for b in client_batches(shard, s.batch_size, protocol, 0, s.warmup, k, 0)]
     train_flops = batch_flops(model, batches, lengths, dynamic, train.ids.shape[1])
 
     test_len = test.lengths.cpu().numpy()
@@ -167,16 +168,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{a.model} on {name}: B={a.batch_size}, length {a.length}, {a.steps} batches per client, "
           f"eval over {len(test)} test rows; MFU vs {a.peak_tflops:g} TFLOP/s")
-    print(f"{'variant':<20}{'K':>4}{'ex/s':>10}{'ms/step':>9}{'MFU':>8}{'vs K=1':>8}{'eval s':>8}"
+    print(f"{'variant':<20}{'K':>4}{'ex/s':>10}{'ms/step':>9}{'TFLOP/s':>9}{'MFU':>8}{'vs K=1':>8}{'eval s':>8}"
           f"{'eval MFU':>9}{'peak GiB':>9}")
     for variant in a.variants:
         k1 = None
         for k in a.clients:
             r = measure(s, variant, k, train, test)
             k1 = k1 or r["examples_per_s"]
-            print(f"{variant:<20}{k:>4}{r['examples_per_s']:>10.1f}{r['step_ms']:>9.1f}{100 * r['mfu']:>7.1f}%"
-                  f"{r['examples_per_s'] / k1:>8.3f}{r['eval_s']:>8.2f}{100 * r['eval_mfu']:>8.1f}%"
-                  f"{r['peak_gib']:>9.2f}", flush=True)
+            peak = f"{r['peak_gib']:.2f}" if device.type == "cuda" else "-"
+            print(f"{variant:<20}{k:>4}{r['examples_per_s']:>10.1f}{r['step_ms']:>9.1f}"
+                  f"{r['mfu'] * a.peak_tflops:>9.3g}{100 * r['mfu']:>7.1f}%{r['examples_per_s'] / k1:>8.3f}"
+                  f"{r['eval_s']:>8.2f}{100 * r['eval_mfu']:>8.1f}%{peak:>9}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/common.py
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import tokens_dir  # noqa: E402
