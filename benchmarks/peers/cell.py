@@ -123,10 +123,16 @@ class PeakRSS:
 
         left = [p for p in self.seen if p != self.me and p.is_running()]
         for p in left:
-            p.terminate()
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:  # it ended meanwhile
+                pass
         _, alive = psutil.wait_procs(left, timeout=5)
         for p in alive:
-            p.kill()
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
