@@ -2,11 +2,13 @@
 
 A BERT-base (BertConfig() defaults, random init: speed does not depend on the weights) is
 trained at length 128, B=32 on the AG News tokens of benchmarks/common.py through fedsweep's
-engine (FlatParameters + train_client + FedAvg): K=1 (one client, --steps batches) and K=32
+engine (FlatParameters + train_round + FedAvg): K=1 (one client, --steps batches) and K=32
 (32 clients, --steps batches each, so per-client overhead shows). Each variant changes one thing
-from fedsweep's GPU default (bf16 autocast, SDPA attention, no compile, dynamic padding):
-precision fp32 / TF32 / bf16, attention sdpa / eager, torch.compile on / off, padding dynamic /
-fixed. Also timed: one full eval pass over the test set.
+from fedsweep's GPU default (bf16 autocast, SDPA attention, no compile, dynamic padding, clients
+one after another): precision fp32 / TF32 / bf16, attention sdpa / eager, torch.compile on /
+off, padding dynamic / fixed, client batching (``bf16-group4`` / ``-group8``: 4 or 8 clients
+trained at once by vmap, ``client_group`` in the config; at K=1 the same as ``bf16``). Also
+timed: one full eval pass over the test set.
 
 MFU = model FLOPs / (time x --peak-tflops), with model FLOPs per token = 6 x non-embedding
 parameters + 12 x layers x hidden x width (the attention scores and their use, forward and
@@ -27,14 +29,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-VARIANTS = {  # name: (precision, attention, compile, dynamic padding)
-    "fp32": ("fp32", "sdpa", False, True),
-    "tf32": ("tf32", "sdpa", False, True),
-    "bf16": ("bf16", "sdpa", False, True),  # fedsweep's default on a GPU
-    "bf16-eager": ("bf16", "eager", False, True),
-    "bf16-fixed": ("bf16", "sdpa", False, False),
-    "bf16-compile": ("bf16", "sdpa", True, True),
-    "bf16-compile-fixed": ("bf16", "sdpa", True, False),
+VARIANTS = {  # name: (precision, attention, compile, dynamic padding, clients trained at once)
+    "fp32": ("fp32", "sdpa", False, True, 1),
+    "tf32": ("tf32", "sdpa", False, True, 1),
+    "bf16": ("bf16", "sdpa", False, True, 1),  # fedsweep's default on a GPU
+    "bf16-eager": ("bf16", "eager", False, True, 1),
+    "bf16-fixed": ("bf16", "sdpa", False, False, 1),
+    "bf16-compile": ("bf16", "sdpa", True, True, 1),
+    "bf16-compile-fixed": ("bf16", "sdpa", True, False, 1),
+    "bf16-group4": ("bf16", "sdpa", False, True, 4),
+    "bf16-group8": ("bf16", "sdpa", False, True, 8),
 }
 
 
@@ -78,10 +82,11 @@ def sync(device: torch.device) -> None:
 
 
 def measure(s: Setup, name: str, clients: int, train, test) -> dict:
-    from fedsweep.engine import FedAvg, FlatParameters, Protocol, client_batches, eval_batches, evaluate, train_client
+    from fedsweep.engine import FedAvg, FlatParameters, Protocol, client_batches, eval_batches, evaluate, train_round
+    from fedsweep.grouped import ClientGroups
     from fedsweep.train import precision_settings
 
-    precision, attention, compiled, dynamic = VARIANTS[name]
+    precision, attention, compiled, dynamic, group = VARIANTS[name]
     torch._dynamo.reset()  # no compiled graph carries over from the previous variant
     bf16 = precision_settings(precision, s.device)
     protocol = Protocol(name, attention_mask=True, dynamic_padding=dynamic, reshuffle=True, drop_last=False)
@@ -89,6 +94,7 @@ def measure(s: Setup, name: str, clients: int, train, test) -> dict:
     flat = FlatParameters(model)  # before compile: the compiled module reads the same parameters
     run_model = torch.compile(model) if compiled else model
     strategy = FedAvg(flat.data.clone())
+    groups = ClientGroups(model, flat, group) if group > 1 else None
     per_client = s.steps * s.batch_size
     rows = np.arange(clients * per_client) % len(train)  # wraps round the training set if needed
     shards = [rows[k * per_client:(k + 1) * per_client] for k in range(clients)]
@@ -98,12 +104,9 @@ def measure(s: Setup, name: str, clients: int, train, test) -> dict:
         sync(s.device)
         t0 = time.perf_counter()
         strategy.begin_round(len(rows))
-        for k, shard in enumerate(shards):
-            flat.data.copy_(strategy.weights)
-            loss, _ = train_client(run_model, flat, train, lengths, shard, epochs=1, batch_size=s.batch_size,
-                                   lr=1e-5, protocol=protocol, seed=0, round_=round_, client=k, bf16=bf16)
-            float(loss)  # the per-client host sync fedsweep.train.run does
-            strategy.add(flat.data, len(shard))
+        train_round(run_model, flat, strategy, train, lengths, shards, range(clients), epochs=1,
+                    batch_size=s.batch_size, lr=1e-5, protocol=protocol, seed=0, round_=round_, bf16=bf16,
+                    groups=groups)
         strategy.finish_round(scratch=flat.data)
         sync(s.device)
         return time.perf_counter() - t0
@@ -129,7 +132,7 @@ def measure(s: Setup, name: str, clients: int, train, test) -> dict:
     eval_s = time.perf_counter() - t0
     eval_flops = batch_flops(model, ebatches, test_len, dynamic, test.ids.shape[1]) / 3
     peak = torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else float("nan")
-    del run_model, model, flat, strategy
+    del run_model, model, flat, strategy, groups
     if s.device.type == "cuda":
         torch.cuda.empty_cache()
     return {"variant": name, "clients": clients, "examples_per_s": len(rows) / seconds,

@@ -6,7 +6,7 @@ last round. Each implementation runs in its own process (benchmarks/peers/):
   - flower:   flwr ClientApp/ServerApp with flwr's FedAvg on run_simulation (Ray actors);
               runs in benchmarks/.venv-peers (see requirements-peers.txt), skipped if missing;
   - textbook: copy.deepcopy of the global model per client, torch.optim.SGD, state_dicts averaged;
-  - fedsweep: fedsweep's engine (FlatParameters + FedAvg + train_client).
+  - fedsweep: fedsweep's engine (FlatParameters + FedAvg + train_round).
 Reports wall time (model set-up, Ray start-up and final eval included), train time (the rounds),
 examples/s, steady-state examples/s (the last round), test accuracy and loss (they should agree:
 same batches, same dropout), peak RSS (the process and its children: Ray's actors included),

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedsweep.engine import PROTOCOLS, FedAvg, FlatParameters, client_batches, derive_seed, train_client
+from fedsweep.engine import (PROTOCOLS, FedAvg, FlatParameters, client_batches, derive_seed, train_client,
+                             train_round)
 from fedsweep.models import build_model
 from fedsweep.partition import iid_shards
 from fedsweep.tokens import load_split
@@ -22,11 +23,8 @@ def _fedavg(model, data, shards, rounds, *, epochs=2, batch_size=16, lr=0.05, pr
     total = sum(len(s) for s in shards)
     for r in range(1, rounds + 1):
         strategy.begin_round(total)
-        for k, shard in enumerate(shards):
-            flat.data.copy_(strategy.weights)
-            train_client(model, flat, data, lengths, shard, epochs=epochs, batch_size=batch_size, lr=lr,
-                         protocol=PROTOCOLS[protocol], seed=seed, round_=r, client=k, bf16=False)
-            strategy.add(flat.data, len(shard))
+        train_round(model, flat, strategy, data, lengths, shards, range(len(shards)), epochs=epochs,
+                    batch_size=batch_size, lr=lr, protocol=PROTOCOLS[protocol], seed=seed, round_=r, bf16=False)
         strategy.finish_round(scratch=flat.data)
     return strategy.weights
 
@@ -99,6 +97,26 @@ def test_weighted_average_matches_hand_computation():
         (10 * 0.5 + 30 * 0.25 + 60 * 8.0) / 100,
     ])
     assert torch.equal(strategy.weights, expected)
+
+
+def test_chunked_cpu_accumulation_is_exact_and_measures_drift(monkeypatch):
+    """The CPU path's chunks change nothing: the same fp64 sums as one unchunked add, and the drift."""
+    gen = torch.Generator().manual_seed(0)
+    global_w = torch.randn(10_007, generator=gen)
+    clients = [global_w + 0.01 * torch.randn(10_007, generator=gen) for _ in range(3)]
+    sizes = [5, 7, 11]
+    expected = torch.zeros(10_007, dtype=torch.float64)
+    for w, n in zip(clients, sizes):
+        expected.add_(w.double(), alpha=n / sum(sizes))
+    monkeypatch.setattr(FedAvg, "CPU_CHUNK", 1000)  # 11 chunks, the last one partial
+    strategy = FedAvg(global_w.clone())
+    strategy.begin_round(sum(sizes))
+    for w, n in zip(clients, sizes):
+        buffer = w.clone()
+        drift = strategy.add(buffer, n)
+        assert drift == pytest.approx(float(torch.linalg.vector_norm(w - global_w)), rel=1e-5)
+        assert torch.equal(buffer, global_w)  # reloaded with the global weights for the next client
+    assert torch.equal(strategy.accum, expected)
 
 
 def test_flat_parameters_are_views_and_sgd_updates_them():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from cell import PROTOCOL, Cell, Data, PeakRSS, now, report
-from fedsweep.engine import FedAvg, FlatParameters, train_client
+from fedsweep.engine import FedAvg, FlatParameters, train_round
 from fedsweep.models import build_model
 
 
@@ -27,13 +27,9 @@ def main() -> None:
     for round_ in range(1, cell.rounds + 1):
         t1 = now()
         strategy.begin_round(sum(len(s) for s in data.shards))
-        for client, shard in enumerate(data.shards):
-            flat.data.copy_(strategy.weights)
-            loss_sum, _ = train_client(model, flat, data.train, data.train_len, shard, epochs=cell.epochs,
-                                       batch_size=cell.batch_size, lr=cell.lr, protocol=PROTOCOL, seed=cell.seed,
-                                       round_=round_, client=client, bf16=False)
-            float(loss_sum)  # the per-client host sync train.run does too
-            strategy.add(flat.data, len(shard))
+        train_round(model, flat, strategy, data.train, data.train_len, data.shards, range(cell.clients),
+                    epochs=cell.epochs, batch_size=cell.batch_size, lr=cell.lr, protocol=PROTOCOL, seed=cell.seed,
+                    round_=round_, bf16=False)
         strategy.finish_round(scratch=flat.data)
         rounds.append(now() - t1)
     flat.data.copy_(strategy.weights)

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"])
     s.add_argument("--eval-every", type=int)
     s.add_argument("--eval-batch-size", type=int)
+    s.add_argument("--client-group", type=int,
+                   help="train this many clients at once as one vmapped model (GPU; 1 = one after another)")
     s.add_argument("--seed", type=int)
     s.add_argument("--device")
     s.add_argument("--dataset", help="data set name recorded in the metrics")

@@ -30,7 +30,9 @@ import pandas as pd
 import torch
 
 from . import FedsweepError, __version__
-from .engine import PROTOCOLS, FedAvg, FlatParameters, eval_batches, evaluate, train_client
+from .engine import PROTOCOLS, FedAvg, FlatParameters, eval_batches, evaluate, train_round
+from .grouped import ClientGroups
+from .grouped import check_support as check_grouping_support
 from .io import atomic_path, write_json, write_parquet
 from .models import build_model, num_parameters
 from .partition import read_shards
@@ -59,6 +61,7 @@ class TrainConfig:
     precision: str = "auto"
     eval_every: int = 1
     eval_batch_size: int = 256
+    client_group: int = 1  # clients trained at once (vmapped); 1 = one after another
     seed: int = 0
     device: str = "auto"
     dataset: str = ""
@@ -71,7 +74,8 @@ class TrainConfig:
             if not ok:
                 raise FedsweepError(f"train: invalid {name}={getattr(self, name)!r}")
 
-        for name in ("rounds", "epochs", "batch_size", "eval_every", "eval_batch_size", "checkpoint_every"):
+        for name in ("rounds", "epochs", "batch_size", "eval_every", "eval_batch_size", "checkpoint_every",
+                     "client_group"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FedsweepError(f"train: {name}={value!r} must be a positive integer")
@@ -304,6 +308,8 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
             f"batch_size={cfg.batch_size}"
         )
     num_labels = int(tmeta["num_classes"])
+    if cfg.client_group > 1:
+        check_grouping_support()
     ranks = Ranks.from_env(cfg.device)
     device = ranks.device
     out = Path(cfg.out_dir)
@@ -311,6 +317,8 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
     hashed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _UNHASHED}
     hashed.update(tokens_sha256=tmeta["sha256"], shards_sha256_info=shards.info, num_labels=num_labels)
     hashed["tokens_dir"] = hashed["shards"] = None  # paths may move; the contents are hashed
+    if hashed["client_group"] == 1:  # the default, absent from earlier versions: their checkpoints resume
+        del hashed["client_group"]
     cfg_hash = config_hash(hashed)
     ckpt_path = out / "checkpoint.pt"
     ckpt = _load_checkpoint(ckpt_path, cfg_hash, hashed)
@@ -328,6 +336,10 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
     global_weights = flat.data.clone()
     strategy = FedAvg(global_weights)
     strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
+    mine = list(range(ranks.rank, len(shards.indices), ranks.world))  # this rank's clients
+    # No larger than this rank's clients: K=1 cells hold one model whatever client_group says.
+    group_size = min(cfg.client_group, len(mine))
+    groups = ClientGroups(model, flat, group_size) if group_size > 1 else None
     bf16 = precision_settings(cfg.precision, device)
 
     width = tmeta["max_length"] if not protocol.dynamic_padding else None
@@ -369,7 +381,6 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
     t_start = time.perf_counter()
     last_saved = start_round - 1
     total = sum(shards.sizes)
-    mine = list(range(ranks.rank, len(shards.indices), ranks.world))  # this rank's clients
     try:
         for round_ in range(start_round, cfg.rounds + 1):
             examples_round = sum(
@@ -378,35 +389,17 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
             )
             progress.start_round(round_, examples_round)
             strategy.begin_round(total)
-            train_secs = agg_secs = 0.0
-            loss_total, seen_total, norm_sum, first_bad = 0.0, 0, 0.0, math.inf
-            for client in mine:
-                shard = shards.indices[client]
-                sync()
-                t0 = time.perf_counter()
-                flat.data.copy_(strategy.weights)
-                try:
-                    loss_sum, seen = train_client(
-                        model, flat, train, train_len, shard, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        lr=cfg.lr, protocol=protocol, seed=cfg.seed, round_=round_, client=client, bf16=bf16,
-                        on_batch=progress.step, should_stop=stop if ranks.world == 1 else None)
-                except InterruptedError:
-                    raise Interrupted() from None
-                client_loss = float(loss_sum)  # one host sync per client
-                t1 = time.perf_counter()
-                if not math.isfinite(client_loss):
-                    first_bad = min(first_bad, client)
-                strategy.add(flat.data, len(shard))
-                # Client drift: ||x_k - x_global||, computed in place in the client's own buffer.
-                norm_sum += float(torch.linalg.vector_norm(flat.data.sub_(strategy.weights)))
-                sync()
-                t2 = time.perf_counter()
-                train_secs += t1 - t0
-                agg_secs += t2 - t1
-                loss_total += client_loss
-                seen_total += seen
-            loss_total, seen_total, norm_sum = ranks.sum([loss_total, seen_total, norm_sum])
-            first_bad = ranks.min(first_bad)
+            try:
+                stats = train_round(
+                    model, flat, strategy, train, train_len, shards.indices, mine, epochs=cfg.epochs,
+                    batch_size=cfg.batch_size, lr=cfg.lr, protocol=protocol, seed=cfg.seed, round_=round_,
+                    bf16=bf16, groups=groups, on_batch=progress.step,
+                    should_stop=stop if ranks.world == 1 else None)
+            except InterruptedError:
+                raise Interrupted() from None
+            train_secs, agg_secs = stats.train_seconds, stats.aggregate_seconds
+            loss_total, seen_total, norm_sum = ranks.sum([stats.loss_sum, stats.examples, stats.drift_sum])
+            first_bad = ranks.min(stats.first_bad_client)
             if math.isfinite(first_bad):
                 where = (f"the last good state is round {round_ - 1} in {str(ckpt_path)!r}" if round_ > 1
                          else "no round had finished")

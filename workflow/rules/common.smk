@@ -22,6 +22,7 @@ TRAIN_KEYS = (
     "eval_every",
     "eval_batch_size",
     "checkpoint_every",
+    "client_group",
 )
 
 
