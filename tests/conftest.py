@@ -24,6 +24,19 @@ def shared_data(name: str) -> Path:
     return path
 
 
+def without_dropout(model):
+    """The model with every dropout at 0: its modules' and the config's (SDPA reads the latter)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_probs_dropout_prob", "attention_dropout", "hidden_dropout_prob", "dropout"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+    return model
+
+
 @pytest.fixture(scope="session")
 def synth_tokens(tmp_path_factory) -> Path:
     """A 4-class synthetic set (256 train / 96 test), tokenised with MiniLM's tokenizer at L=32."""

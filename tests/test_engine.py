@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import without_dropout
 from fedsweep.engine import (PROTOCOLS, FedAvg, FlatParameters, client_batches, derive_seed, train_client,
                              train_round)
 from fedsweep.models import build_model
@@ -69,11 +70,7 @@ def test_identical_shards_equal_one_client(synth_tokens, clients):
     shard = iid_shards(len(data), 2, seed=0)[0]
 
     def model():
-        m = build_model("tiny-bert", 4, seed=5)
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.Dropout):
-                mod.p = 0.0
-        return m
+        return without_dropout(build_model("tiny-bert", 4, seed=5))
 
     alone = _fedavg(model(), data, [shard], rounds=2, protocol="paper")
     together = _fedavg(model(), data, [shard] * clients, rounds=2, protocol="paper")

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import without_dropout
 from fedsweep import FedsweepError
 from fedsweep.engine import PROTOCOLS, FedAvg, FlatParameters, train_round
 from fedsweep.grouped import ClientGroups
@@ -21,14 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:User
 
 def _model(family: str, dropout: bool):
     model = build_model(family, 4, seed=2)
-    if not dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        for key in ("attention_probs_dropout_prob", "attention_dropout", "hidden_dropout_prob", "dropout"):
-            if hasattr(model.config, key):  # SDPA reads the attention dropout from the config
-                setattr(model.config, key, 0.0)
-    return model
+    return model if dropout else without_dropout(model)
 
 
 def _fedavg(data, shards, *, family="tiny-bert", group=1, protocol="standard", dropout=False, rounds=2):

@@ -246,7 +246,7 @@ def train_client(model: torch.nn.Module, flat: FlatParameters, data: TokenTensor
                 logits = model(input_ids=ids, attention_mask=mask).logits
             loss = F.cross_entropy(logits.float(), labels)
             loss.backward()
-            sgd_step(flat.params, lr)
+            flat.sgd_step(lr)
             loss_sum += loss.detach() * len(labels)
             seen += len(labels)
             if on_batch is not None:
