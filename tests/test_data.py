@@ -119,29 +119,36 @@ def _local(tmp_path, train_rows, test_rows, **extra):
             "test": _csv(tmp_path, "te.csv", test_rows), **extra}
 
 
+def _raises_exactly(spec, message):
+    with pytest.raises(FedsweepError) as info:
+        load_frames("d", spec)
+    assert str(info.value) == message
+
+
+# Errors name the file (absolute), the row (from 0, after the header) and, in text files, its line.
 def test_missing_column(tmp_path):
     spec = _local(tmp_path, {"text": ["a", "b"], "y": [0, 1]}, {"text": ["a"], "y": [0]})
-    with pytest.raises(FedsweepError, match="train has no column 'label'"):
-        load_frames("d", spec)
+    _raises_exactly(spec, f"{tmp_path}/tr.csv: no column 'label' (columns: text, y)")
 
 
 def test_empty_text(tmp_path):
     spec = _local(tmp_path, {"text": ["fine", "  "], "label": [0, 1]}, {"text": ["a"], "label": [0]})
-    with pytest.raises(FedsweepError, match="train row 1 has an empty text"):
-        load_frames("d", spec)
+    _raises_exactly(spec, f"{tmp_path}/tr.csv: row 1 (line 3): empty text (1 empty in all)")
 
 
 def test_label_out_of_range(tmp_path):
     spec = _local(tmp_path, {"text": ["a", "b"], "label": [0, 1]}, {"text": ["a"], "label": [5]},
                   class_names=["neg", "pos"])
-    with pytest.raises(FedsweepError, match="test label 5 is outside 0..1"):
-        load_frames("d", spec)
+    _raises_exactly(spec, f"{tmp_path}/te.csv: row 0 (line 2): label 5 is outside 0..1 (2 class names)")
 
 
 def test_class_missing_from_train(tmp_path):
+    # Class 1 is in neither file; class 2 only in the test file, which is what the message says.
     spec = _local(tmp_path, {"text": ["a", "b"], "label": [0, 0]}, {"text": ["a", "b"], "label": [0, 2]})
-    with pytest.raises(FedsweepError, match="class 1 .* has no training example"):
-        load_frames("d", spec)
+    _raises_exactly(spec, f"{tmp_path}/te.csv: row 1 (line 3): label 2 appears only in the test file, "
+                          f"not in {tmp_path}/tr.csv")
+    spec = _local(tmp_path, {"text": ["a", "b"], "label": [0, 2]}, {"text": ["a", "b"], "label": [0, 2]})
+    _raises_exactly(spec, f"{tmp_path}/tr.csv: class 1 ('1') has no training example")
 
 
 def test_prepare_cli_error_is_one_line(tmp_path, capsys):

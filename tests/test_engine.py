@@ -1,4 +1,5 @@
-"""The FedAvg engine is exact: it equals centralised SGD at K=1, is invariant to duplicated
+"""The FedAvg engine is exact: it equals centralised SGD at K=1 (also with a one-example batch,
+whatever the model's shapes: parameters are 64-byte aligned), is invariant to duplicated
 clients, averages by shard size, and the two protocols feed the model what they claim."""
 
 from __future__ import annotations
@@ -16,38 +17,50 @@ from fedsweep.partition import iid_shards
 from fedsweep.tokens import load_split
 
 
-def _fedavg(model, data, shards, rounds, *, epochs=2, batch_size=16, lr=0.05, protocol="standard", seed=0):
-    """The engine's round loop, as train.run drives it (without I/O)."""
+def _padding(flat):
+    """Where ``flat.data`` holds padding, not parameters."""
+    pad = torch.ones(len(flat), dtype=torch.bool)
+    for offset, p in zip(flat.offsets, flat.params):
+        pad[offset:offset + p.numel()] = False
+    return pad
+
+
+def _fedavg(model, data, shards, rounds, *, epochs=2, batch_size=16, lr=0.05, protocol="standard", seed=0,
+            loss_sums=None):
+    """The engine's round loop, as train.run drives it (without I/O): the global parameters, unpadded."""
     flat = FlatParameters(model)
     strategy = FedAvg(flat.data.clone())
     lengths = data.lengths.numpy()
     total = sum(len(s) for s in shards)
     for r in range(1, rounds + 1):
         strategy.begin_round(total)
-        train_round(model, flat, strategy, data, lengths, shards, range(len(shards)), epochs=epochs,
-                    batch_size=batch_size, lr=lr, protocol=PROTOCOLS[protocol], seed=seed, round_=r, bf16=False)
+        stats = train_round(model, flat, strategy, data, lengths, shards, range(len(shards)), epochs=epochs,
+                            batch_size=batch_size, lr=lr, protocol=PROTOCOLS[protocol], seed=seed, round_=r,
+                            bf16=False)
         strategy.finish_round(scratch=flat.data)
-    return strategy.weights
+        if loss_sums is not None:
+            loss_sums.append(stats.loss_sum)
+    assert not strategy.weights[_padding(flat)].any()  # the padding stayed zero through the average
+    return flat.unpadded(strategy.weights)
 
 
-def test_k1_equals_centralised_sgd_bitwise(synth_tokens):
-    """FedAvg with one client is plain SGD over the same batches: same weights, to the bit."""
-    data = load_split(synth_tokens / "tokens", "train")
-    shard = iid_shards(len(data), 2, seed=0)[0]  # 128 rows keep the reference loop quick
-    fed = _fedavg(build_model("tiny-bert", 4, seed=3), data, [shard], rounds=2)
+def _plain_sgd(model, synth_tokens, shard, rounds, *, epochs=2, batch_size=16, lr=0.05, seed=0):
+    """The reference: an untouched model, torch.optim.SGD, batches padded from the raw token lists.
 
-    # Reference: an untouched model, torch.optim.SGD, batches padded from the raw token lists.
+    Returns (parameters concatenated, per-round loss sums as the engine sums them)."""
     import pyarrow.parquet as pq
 
-    ragged = pq.read_table(synth_tokens / "tokens" / "train.parquet").column("input_ids").to_pylist()
-    labels = torch.tensor(pq.read_table(synth_tokens / "tokens" / "train.parquet").column("label").to_pylist())
-    model = build_model("tiny-bert", 4, seed=3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0, weight_decay=0.0)
+    table = pq.read_table(synth_tokens / "tokens" / "train.parquet")
+    ragged = table.column("input_ids").to_pylist()
+    labels = torch.tensor(table.column("label").to_pylist())
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     model.train()
-    for r in (1, 2):
-        torch.manual_seed(derive_seed(0, "dropout", r, 0))
-        for epoch in range(2):
-            for b in client_batches(shard, 16, PROTOCOLS["standard"], 0, r, 0, epoch):
+    loss_sums = []
+    for r in range(1, rounds + 1):
+        torch.manual_seed(derive_seed(seed, "dropout", r, 0))
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for epoch in range(epochs):
+            for b in client_batches(shard, batch_size, PROTOCOLS["standard"], seed, r, 0, epoch):
                 width = max(len(ragged[i]) for i in b)
                 ids = torch.tensor([ragged[i] + [0] * (width - len(ragged[i])) for i in b])
                 mask = torch.tensor([[1] * len(ragged[i]) + [0] * (width - len(ragged[i])) for i in b])
@@ -55,8 +68,74 @@ def test_k1_equals_centralised_sgd_bitwise(synth_tokens):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    ref = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+                loss_sum += loss.detach() * len(b)
+        loss_sums.append(float(loss_sum))
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]), loss_sums
+
+
+def _odd_model():
+    """A BERT whose every width is odd (hidden 37, one head, intermediate 73): unaligned, most of
+    its parameters would start 4, 8 or 12 bytes off a 16-byte boundary in an unpadded buffer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(3)
+    config = BertConfig(vocab_size=30522, hidden_size=37, num_hidden_layers=2, num_attention_heads=1,
+                        intermediate_size=73, max_position_embeddings=64, num_labels=4, initializer_range=0.1,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def test_k1_equals_centralised_sgd_bitwise(synth_tokens):
+    """FedAvg with one client is plain SGD over the same batches: same weights, to the bit."""
+    data = load_split(synth_tokens / "tokens", "train")
+    shard = iid_shards(len(data), 2, seed=0)[0]  # 128 rows keep the reference loop quick
+    fed_losses = []
+    fed = _fedavg(build_model("tiny-bert", 4, seed=3), data, [shard], rounds=2, loss_sums=fed_losses)
+    ref, ref_losses = _plain_sgd(build_model("tiny-bert", 4, seed=3), synth_tokens, shard, rounds=2)
     assert torch.equal(fed, ref)
+    assert fed_losses == ref_losses
+
+
+@pytest.mark.parametrize("make", [_odd_model, lambda: build_model("tiny-albert", 4, seed=3)],
+                         ids=["odd-widths", "tiny-albert"])
+def test_one_example_batch_equals_plain_sgd_bitwise(synth_tokens, make):
+    """A shard of 33 in batches of 32 ends each epoch with a one-example batch, whose products
+    are matrix-vector products: on a CPU they round differently when the matrix starts off a
+    16-byte boundary (1.2e-7 after 2 rounds for the odd-width model in an unpadded buffer). With
+    every parameter at a 64-byte offset, the flat model gives the plain model's numbers exactly.
+    """
+    data = load_split(synth_tokens / "tokens", "train")
+    shard = iid_shards(len(data), 2, seed=0)[0][:33]
+    fed_losses = []
+    fed = _fedavg(make(), data, [shard], rounds=2, batch_size=32, loss_sums=fed_losses)
+    ref, ref_losses = _plain_sgd(make(), synth_tokens, shard, rounds=2, batch_size=32)
+    assert torch.equal(fed, ref)
+    assert fed_losses == ref_losses
+
+
+@pytest.mark.parametrize("make", [_odd_model] + [lambda f=f: build_model(f, 3, seed=0)
+                                                 for f in ("tiny-bert", "tiny-albert", "tiny-distilbert")],
+                         ids=["odd-widths", "tiny-bert", "tiny-albert", "tiny-distilbert"])
+def test_every_parameter_starts_at_64_bytes(make):
+    """Every parameter's offset in the flat buffer (and in every row of the grouped (G, P)
+    buffer) is a multiple of 16 fp32 elements; the padding between them is zero."""
+    from fedsweep.grouped import ClientGroups
+
+    model = make()
+    expected = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])
+    flat = FlatParameters(model)
+    assert flat.ALIGN == 16
+    assert len(flat) % 16 == 0 and flat.data.data_ptr() % 64 == 0
+    assert all(p.storage_offset() % 16 == 0 and p.data_ptr() % 64 == 0 for p in flat.params)
+    assert all(o % 16 == 0 for o in flat.offsets)
+    assert flat.num_parameters == expected.numel() < len(flat) + 1
+    assert torch.equal(flat.unpadded(), expected)  # the values moved in, unchanged
+    assert not flat.data[_padding(flat)].any()
+    groups = ClientGroups(model, flat, 3)
+    for g in (2, 3):
+        for p, q in zip(groups.params(g), flat.params):
+            assert p.shape[1:] == q.shape and p.data_ptr() % 64 == 0
+            assert all(p[i].data_ptr() % 64 == 0 for i in range(g))
 
 
 @pytest.mark.parametrize("clients", [2, 3])
@@ -119,14 +198,15 @@ def test_chunked_cpu_accumulation_is_exact_and_measures_drift(monkeypatch):
 def test_flat_parameters_are_views_and_sgd_updates_them():
     model = build_model("tiny-albert", 3, seed=0)  # ALBERT shares its layers: each parameter once
     flat = FlatParameters(model)
-    assert len(flat) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert flat.num_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad) <= len(flat)
     start, end = flat.data.data_ptr(), flat.data.data_ptr() + flat.data.numel() * 4
     assert all(start <= p.data_ptr() < end for p in model.parameters())
     ids = torch.randint(1000, 2000, (2, 8))
     F.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1])).backward()
     expected = torch.cat([torch.add(p.detach(), p.grad, alpha=-0.1).reshape(-1) for p in flat.params])
     flat.sgd_step(0.1)
-    assert torch.equal(flat.data, expected)  # p - lr * g, written through the views
+    assert torch.equal(flat.unpadded(), expected)  # p - lr * g, written through the views
+    assert not flat.data[_padding(flat)].any()  # and nowhere else
     assert all(p.grad is None for p in flat.params)
     assert all(start <= p.data_ptr() < end for p in model.parameters())  # still views
 

@@ -144,7 +144,7 @@ def test_rounds_to_target_table(report):
 
 def test_figures_written_and_readable(report):
     outputs = report["outputs"]
-    assert set(outputs) == {"accuracy_at_budget", "rounds_to_target"} | {
+    assert set(outputs) == {"accuracy_at_budget", "rounds_to_target", "datasets"} | {
         f"{name}_{ext}" for name in FIGURES for ext in ("png", "pdf")}
     for name in FIGURES:
         pdf = outputs[f"{name}_pdf"]
@@ -215,3 +215,17 @@ def test_duplicate_cell_rejected(tmp_path):
                           str(tmp_path / "t"), str(tmp_path / "f"))
     table = pd.read_csv(outputs["accuracy_at_budget"], dtype={"seed": str})
     assert list(table["seed"]) == ["0", "mean"] and np.allclose(table["ratio"], 1.0)
+
+
+def test_datasets_sidecar_names_the_classes_from_run_json(tmp_path):
+    """tables/datasets.json: each data set's label mapping, from the run.json beside its metrics."""
+    import json
+
+    from fedsweep.report import dataset_labels
+
+    run = tmp_path / "runs" / "news" / "tiny" / "K1_seed0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"class_names": ["World", "Sports"], "data_sha256": {"train": "ab"}}))
+    frame = pd.DataFrame({"dataset": ["news", "other"], "source": [str(run / "metrics.parquet"),
+                                                                   str(tmp_path / "x" / "metrics.parquet")]})
+    assert dataset_labels(frame) == {"news": {"class_names": ["World", "Sports"], "data_sha256": {"train": "ab"}}}

@@ -95,13 +95,13 @@ def test_resume_after_sigkill_mid_round_gives_identical_metrics(synth_tokens, tm
     assert (a["test_loss"].to_numpy() == b["test_loss"].to_numpy()).all()
 
 
-def test_sigterm_saves_last_round_and_exits_143(synth_tokens, tmp_path):
+def test_sigterm_saves_last_round_exits_143_and_resumes_bitwise(synth_tokens, tmp_path):
     out = tmp_path / "t"
-    cmd = [sys.executable, "-m", "fedsweep", "train", "--tokens-dir", str(synth_tokens / "tokens"),
-           "--shards", _shards(synth_tokens, 2), "--model", "tiny-bert", "--rounds", "50", "--epochs", "1",
-           "--batch-size", "16", "--lr", "0.05", "--checkpoint-every", "100", "--progress", "lines",
-           "--out-dir", str(out)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    args = ["train", "--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 2),
+            "--model", "tiny-bert", "--epochs", "1", "--batch-size", "16", "--lr", "0.05",
+            "--checkpoint-every", "100", "--progress", "lines"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedsweep", *args, "--rounds", "50", "--out-dir", str(out)],
+                            stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "round 2/50" in line:
             break
@@ -110,7 +110,16 @@ def test_sigterm_saves_last_round_and_exits_143(synth_tokens, tmp_path):
     assert proc.wait(timeout=60) == 143, rest
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["round"] >= 2 and len(ckpt["metrics"]) == ckpt["round"] + 1  # saved though every=100
-    assert "SIGTERM" in rest and not (out / "metrics.parquet").exists()
+    assert f"SIGTERM: saved round {ckpt['round']} to" in rest and not (out / "metrics.parquet").exists()
+    # The rerun (one round further) ends where an uninterrupted run ends, to the bit.
+    rounds = str(ckpt["round"] + 1)
+    assert main([*args, "--rounds", rounds, "--out-dir", str(out)]) == 0
+    assert main([*args, "--rounds", rounds, "--out-dir", str(tmp_path / "straight")]) == 0
+    a = pd.read_parquet(out / "metrics.parquet").drop(columns=TIMING)
+    b = pd.read_parquet(tmp_path / "straight" / "metrics.parquet").drop(columns=TIMING)
+    pd.testing.assert_frame_equal(a, b)
+    assert torch.equal(torch.load(out / "checkpoint.pt", weights_only=False)["weights"],
+                       torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["weights"])
 
 
 @pytest.mark.parametrize("model", ["tiny-albert", "tiny-distilbert"])

@@ -16,21 +16,50 @@ import yaml
 from . import FedsweepError, __version__
 
 
-def _parse_spec(text: str | None, path: str | None) -> dict | None:
-    if path:
-        return yaml.safe_load(Path(path).read_text())
-    if text:
+def _spec_mapping(text: str, origin: str) -> dict:
+    """The spec in ``text`` (YAML or JSON), which must be a mapping; ``origin`` names it in errors."""
+    try:
         spec = yaml.safe_load(text)
-        if not isinstance(spec, dict):
-            raise FedsweepError(f"--spec {text!r} is not a mapping")
-        return spec
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FedsweepError(f"{origin}: invalid YAML{at}: {problem}") from None
+    if not isinstance(spec, dict):
+        got = "nothing" if spec is None else type(spec).__name__
+        raise FedsweepError(f"{origin}: the spec must be a mapping (key: value), got {got}")
+    return spec
+
+
+def _read_spec_file(path: str) -> dict:
+    spec_path = Path(path).absolute()
+    try:
+        text = spec_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FedsweepError(f"{spec_path}: spec file does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise FedsweepError(f"{spec_path}: cannot read the spec file ({reason})") from None
+    return _spec_mapping(text, str(spec_path))
+
+
+def _parse_spec(text: str | None, path: str | None) -> dict | None:
+    if text and path:
+        raise FedsweepError("give --spec or --spec-file, not both")
+    if path:
+        return _read_spec_file(path)
+    if text:
+        return _spec_mapping(text, "--spec")
     return None
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:
-    from .data import prepare
+    from .data import duplicate_warning, prepare
 
-    meta = prepare(a.name, _parse_spec(a.spec, a.spec_file), a.out_dir)
+    meta = prepare(a.name, _parse_spec(a.spec, a.spec_file), a.out_dir, base_dir=a.base_dir)
+    warning = duplicate_warning(meta)
+    if warning:
+        print(f"fedsweep: warning: {warning}", file=sys.stderr)
     print(f"prepared {a.name}: {meta['rows']['train']} train / {meta['rows']['test']} test rows, "
           f"{meta['num_classes']} classes -> {a.out_dir}")
 
@@ -75,9 +104,12 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_fetch(a: argparse.Namespace) -> None:
     from .io import write_json
     from .models import fetch, load_tokenizer
+    from .preflight import check_max_length
 
     record = fetch(a.model)
     load_tokenizer(a.model)  # the tokenizer files are in the cache (and the fast one builds)
+    if a.max_length:  # now that its config.json is here: before any data is tokenised for it
+        check_max_length(a.model, a.max_length, "")
     if a.out:
         write_json(a.out, record)
     print(f"fetched {a.model} ({record['kind']}): {record['path']}")
@@ -99,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="data set name (a hub preset: imdb, yelp_review_full, ag_news)")
     s.add_argument("--spec", help="YAML/JSON mapping overriding the preset (source, hub_id, train, test, text, label, ...)")
     s.add_argument("--spec-file", help="the spec as a YAML file")
+    s.add_argument("--base-dir", help="folder relative local file paths start from (default: the working directory)")
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=cmd_prepare)
 
@@ -140,10 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int)
     s.add_argument("--no-keep-checkpoint", dest="keep_checkpoint", action="store_false", default=None)
     s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
+    s.add_argument("--stale-checkpoint", choices=["error", "restart"],
+                   help="a checkpoint made with other settings, data or model: refuse it (error, the default) "
+                        "or delete it and start over (restart, what the workflow passes)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("fetch", help="download a model's weights and tokenizer into the HF cache (head node)")
     s.add_argument("--model", required=True)
+    s.add_argument("--max-length", type=int, default=0,
+                   help="check that the model has this many positions (0: no check)")
     s.add_argument("--out", help="marker JSON written when done")
     s.set_defaults(func=cmd_fetch)
 
@@ -157,12 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from . import stop  # imports only `signal`: installed before torch, so SIGTERM is never lost
+
+    # Only `train` stops gracefully on SIGTERM; every other command keeps the default (die).
+    owns_stop = argv[:1] == ["train"] and not stop.handler_installed() and stop.install_stop_handler()
+    try:
+        return _main(argv)
+    finally:
+        if owns_stop:
+            stop.uninstall_stop_handler()
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
     except FedsweepError as exc:
-        print(f"fedsweep: error: {exc}", file=sys.stderr)
+        # One line, whatever a library's message embedded in it holds.
+        print(f"fedsweep: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,6 +28,8 @@ of the weights and their gradients, and G clients' activations.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Callable, Sequence
 
@@ -39,6 +41,18 @@ from . import FedsweepError
 from .engine import FlatParameters, Protocol, _batches_on_device, autocast, client_batches, derive_seed, \
     seed_dropout, sgd_step
 from .tokens import TokenTensors
+
+
+def _vmappable_attention(device: torch.device):
+    """SDPA's math backend on CUDA. With a padding mask CUDA picks the memory-efficient kernel,
+    whose backward fails under vmap ("LSE is not correctly aligned (strideH)", torch 2.11 on an
+    H100); the math backend is plain batched matmuls, which vmap handles (and the speed of eager
+    attention, which is what grouping was measured to win with). CPUs keep their default."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _bidirectional_mask():
@@ -72,8 +86,11 @@ class ClientGroups:
         name_of = {id(p): name for name, p in model.named_parameters()}  # shared parameters: once
         self.names = [name_of[id(p)] for p in flat.params]
         self.shapes = [p.shape for p in flat.params]
+        self.offsets = list(flat.offsets)  # the flat layout: aligned offsets, zero padding between
         self.device = flat.data.device
-        self.data = torch.empty(max_group, len(flat), dtype=torch.float32, device=self.device)
+        # Rows are copies of the global weights (padding included, so it stays zero); with a
+        # padded length that is a multiple of 16 elements every row's parameters stay aligned.
+        self.data = torch.zeros(max_group, len(flat), dtype=torch.float32, device=self.device)
         self._params: dict[int, list[torch.nn.Parameter]] = {}
         self._mask = _bidirectional_mask()
         # vmap's batched embedding backward (torch 2.13) keeps the padding_idx row's gradient at
@@ -99,13 +116,12 @@ class ClientGroups:
     def params(self, g: int) -> list[torch.nn.Parameter]:
         """(g, *shape) leaf parameters viewing the first g rows of ``data`` (made once per g)."""
         if g not in self._params:
-            views, offset = [], 0
-            for shape in self.shapes:
+            views = []
+            for shape, offset in zip(self.shapes, self.offsets):
                 n = math.prod(shape)
                 p = torch.nn.Parameter(torch.empty(0, device=self.device))
                 p.data = self.data[:g, offset:offset + n].view(g, *shape)
                 views.append(p)
-                offset += n
             self._params[g] = views
         return self._params[g]
 
@@ -161,7 +177,7 @@ class ClientGroups:
                 b = labels.shape[0] // g
                 mask = self._expand_mask(mask, g)
                 step = step_unmasked if mask is None else step_masked
-                with autocast(self.device, bf16):
+                with autocast(self.device, bf16), _vmappable_attention(self.device):
                     losses = step(named, ids.view(g, b, -1), mask, labels.view(g, b))
                 # d(sum_k L_k)/d(theta_k) = dL_k/d(theta_k): one backward gives every client's gradient.
                 losses.sum().backward()

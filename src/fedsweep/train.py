@@ -1,12 +1,21 @@
 """One cell of the sweep: (data set, model, K, seed) trained with FedAvg for R rounds.
 
 Outputs in ``out_dir``: ``metrics.parquet`` (one row per evaluated round, written at the end),
-``run.json`` (config, versions, device, wall time, throughput) and ``checkpoint.pt`` (after every
-round, atomically: the global weights, the round, the metrics so far and the config hash).
-Re-running the same command resumes from the last complete round; since every random choice is
-a pure function of (seed, round, client, epoch), the resumed run gives the numbers an
-uninterrupted run gives (bitwise on CPU). ``rounds`` is not part of the config hash, so a
-finished run can be extended (e.g. from the budget of 100 rounds to the second threshold, 200).
+``run.json`` (config, versions, device, threads, labels, data provenance, wall time, throughput)
+and ``checkpoint.pt`` (after every round, atomically: the global weights, the round, the metrics
+so far, the config hash and the thread count). Re-running the same command resumes from the last
+complete round; since every random choice is a pure function of (seed, round, client, epoch),
+the resumed run gives the numbers an uninterrupted run gives (bitwise on CPU at the same number
+of threads: another count rounds sums differently, so a resume at another count warns and
+run.json records both). ``rounds`` is not part of the config hash, so a finished run can be
+extended (e.g. from the budget of 100 rounds to the second threshold, 200).
+
+SIGTERM (see :mod:`fedsweep.stop`) is a request to stop at the next safe point: after the
+checkpoint is read, after the model and data are set up, after the round-0 evaluation, between
+SGD steps, between rounds and before the final writes. The run then saves the last finished
+round if it is not saved yet and exits with 143, saying truthfully what was saved. A SIGTERM
+during the final writes (metrics.parquet, run.json) lets them complete and the run ends
+normally (exit 0): the cell is complete.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -30,11 +38,12 @@ import pandas as pd
 import torch
 
 from . import FedsweepError, __version__
+from . import stop as stop_signal
 from .engine import PROTOCOLS, FedAvg, FlatParameters, eval_batches, evaluate, train_round
 from .grouped import ClientGroups
 from .grouped import check_support as check_grouping_support
-from .io import atomic_path, write_json, write_parquet
-from .models import build_model, num_parameters
+from .io import atomic_path, remove_stale_temps, write_json, write_parquet
+from .models import build_model, model_fingerprint, num_parameters
 from .partition import read_shards
 from .tokens import load_split, read_tokens_meta
 
@@ -44,7 +53,8 @@ METRIC_COLUMNS = [
     "aggregate_seconds", "eval_seconds", "client_update_norm", "mean_update_norm",
 ]
 # Fields that do not change the numbers: excluded from the hash that guards resuming.
-_UNHASHED = {"out_dir", "rounds", "device", "progress", "dataset", "checkpoint_every", "keep_checkpoint"}
+_UNHASHED = {"out_dir", "rounds", "device", "progress", "dataset", "checkpoint_every", "keep_checkpoint",
+             "stale_checkpoint"}
 
 
 @dataclass
@@ -68,6 +78,10 @@ class TrainConfig:
     checkpoint_every: int = 1
     keep_checkpoint: bool = True
     progress: str = "auto"  # auto: a bar on a terminal, one line per round otherwise
+    # A checkpoint made with other settings, data or model (or an older fedsweep): "error"
+    # refuses it (by hand: never lose a run by accident); "restart" deletes it and starts over
+    # (the workflow, which reruns a cell only because what it depends on changed).
+    stale_checkpoint: str = "error"
 
     def validate(self) -> None:
         def need(ok: bool, name: str) -> None:
@@ -85,6 +99,7 @@ class TrainConfig:
         need(self.protocol in PROTOCOLS, "protocol")
         need(self.precision in PRECISIONS, "precision")
         need(self.progress in ("auto", "bar", "lines", "none"), "progress")
+        need(self.stale_checkpoint in ("error", "restart"), "stale_checkpoint")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed")
         if self.device != "auto":
             try:
@@ -128,32 +143,18 @@ def _git_commit() -> str | None:
         return None
 
 
-class _StopFlag:
-    """SIGTERM (SLURM's warning before a kill, or a preemption) sets a flag the loop checks
-    between steps; the run then saves the last finished round and exits with 143."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous = None
-
-    def __call__(self) -> bool:
-        return self.set
-
-    def install(self) -> None:
-        def handler(signum, frame):
-            self.set = True
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 class Interrupted(Exception):
     pass
+
+
+# Format 2: the weights vector has FlatParameters' aligned layout (format 1's was unpadded, so
+# its vector is shorter and would be mis-placed) and the thread count is recorded.
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_NAMES = ("checkpoint.pt", "metrics.parquet", "run.json")  # what a run writes (atomically)
+
+
+class StaleCheckpoint(FedsweepError):
+    """A readable checkpoint that this run must not resume: other settings, data, model or format."""
 
 
 def _load_checkpoint(path: Path, expected_hash: str, expected: dict[str, Any]) -> dict[str, Any] | None:
@@ -163,11 +164,19 @@ def _load_checkpoint(path: Path, expected_hash: str, expected: dict[str, Any]) -
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a corrupt checkpoint cannot be trusted; say so rather than guess
         raise FedsweepError(f"checkpoint {str(path)!r} is unreadable ({exc}); delete it to start over") from exc
+    if not isinstance(ckpt, dict) or "weights" not in ckpt:
+        raise FedsweepError(f"checkpoint {str(path)!r} is not a fedsweep checkpoint; delete it to start over")
+    if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("layout") != FlatParameters.LAYOUT:
+        raise StaleCheckpoint(
+            f"checkpoint {str(path)!r} has format {ckpt.get('format')!r} (weights layout "
+            f"{ckpt.get('layout', 'unaligned')!r}); this fedsweep reads format {CHECKPOINT_FORMAT} "
+            f"({FlatParameters.LAYOUT!r}): delete it to start over"
+        )
     if ckpt.get("config_hash") != expected_hash:
         old = ckpt.get("config", {})
         diff = [k for k in sorted(set(old) | set(expected)) if old.get(k) != expected.get(k)]
         first = diff[0] if diff else "?"
-        raise FedsweepError(
+        raise StaleCheckpoint(
             f"checkpoint {str(path)!r} is from a different config ({first}: {old.get(first)!r} != "
             f"{expected.get(first)!r}); refusing to resume, delete it to start over"
         )
@@ -175,9 +184,14 @@ def _load_checkpoint(path: Path, expected_hash: str, expected: dict[str, Any]) -
 
 
 def _save_checkpoint(path: Path, weights: torch.Tensor, round_: int, rows: list[dict], cfg_hash: str,
-                     hashed: dict[str, Any]) -> None:
-    state = {"format": 1, "config_hash": cfg_hash, "config": hashed, "round": round_,
-             "weights": weights.detach().cpu(), "metrics": rows, "fedsweep_version": __version__,
+                     hashed: dict[str, Any], thread_history: list[list[int]]) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "layout": FlatParameters.LAYOUT, "config_hash": cfg_hash,
+             "config": hashed, "round": round_, "weights": weights.detach().cpu(), "metrics": rows,
+             "fedsweep_version": __version__,
+             # CPU sums are exact to the bit only at the same thread count: the count each
+             # stretch of rounds was trained at, as [first round, threads], and the last one.
+             "threads": thread_history[-1][1] if thread_history else torch.get_num_threads(),
+             "thread_history": thread_history,
              # Every random draw is derived from (seed, round, client, epoch): the round number
              # and seed ARE the RNG state. The generators are stored for inspection only.
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
@@ -290,7 +304,22 @@ class Ranks:
 
 
 def run(cfg: TrainConfig) -> pd.DataFrame:
-    """Run (or resume) one cell; return its metrics. All checks happen before any compute."""
+    """Run (or resume) one cell; return its metrics. All checks happen before any compute.
+
+    SIGTERM stops it at the next safe point with ``SystemExit(143)`` (see the module docstring).
+    The handler is the one :func:`fedsweep.stop.install_stop_handler` installed (the command
+    line does so before its imports); if none is installed, ``run`` installs it for its own
+    duration and puts the previous one back when it returns.
+    """
+    owns_handler = not stop_signal.handler_installed() and stop_signal.install_stop_handler()
+    try:
+        return _run(cfg)
+    finally:
+        if owns_handler:
+            stop_signal.uninstall_stop_handler()
+
+
+def _run(cfg: TrainConfig) -> pd.DataFrame:
     cfg.validate()
     tmeta = read_tokens_meta(cfg.tokens_dir)
     shards = read_shards(cfg.shards)
@@ -314,74 +343,114 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
     device = ranks.device
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    label = f"{cfg.dataset or Path(cfg.tokens_dir).name}/{cfg.model}/K{len(shards.sizes)}"
+    if ranks.rank == 0:  # the only writer: temporaries of a writer killed mid-write (up to a checkpoint's size)
+        stale = remove_stale_temps(out, CHECKPOINT_NAMES)
+        if stale:
+            print(f"[{label}] removed {len(stale)} stale temporary file(s) of an interrupted write: "
+                  f"{', '.join(p.name for p in stale)}", file=sys.stderr)
     hashed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _UNHASHED}
-    hashed.update(tokens_sha256=tmeta["sha256"], shards_sha256_info=shards.info, num_labels=num_labels)
+    hashed.update(tokens_sha256=tmeta["sha256"], shards_sha256_info=shards.info, num_labels=num_labels,
+                  # the spec names the model; this says which weights (a local folder can be edited)
+                  model_fingerprint=model_fingerprint(cfg.model))
     hashed["tokens_dir"] = hashed["shards"] = None  # paths may move; the contents are hashed
     if hashed["client_group"] == 1:  # the default, absent from earlier versions: their checkpoints resume
         del hashed["client_group"]
     cfg_hash = config_hash(hashed)
     ckpt_path = out / "checkpoint.pt"
-    ckpt = _load_checkpoint(ckpt_path, cfg_hash, hashed)
-
-    model = build_model(cfg.model, num_labels, seed=cfg.seed)
-    if tmeta["vocab_size"] > model.get_input_embeddings().num_embeddings:
-        raise FedsweepError(
-            f"model {cfg.model!r}: its {model.get_input_embeddings().num_embeddings}-token embedding is smaller "
-            f"than tokenizer {tmeta['tokenizer']!r} ({tmeta['vocab_size']} tokens)"
-        )
-    model.to(device)
-    flat = FlatParameters(model)
-    if ckpt is not None:
-        flat.data.copy_(ckpt["weights"].to(device))
-    global_weights = flat.data.clone()
-    strategy = FedAvg(global_weights)
-    strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
-    mine = list(range(ranks.rank, len(shards.indices), ranks.world))  # this rank's clients
-    # No larger than this rank's clients: K=1 cells hold one model whatever client_group says.
-    group_size = min(cfg.client_group, len(mine))
-    groups = ClientGroups(model, flat, group_size) if group_size > 1 else None
-    bf16 = precision_settings(cfg.precision, device)
-
-    width = tmeta["max_length"] if not protocol.dynamic_padding else None
-    train = load_split(cfg.tokens_dir, "train", width=width)
-    test = load_split(cfg.tokens_dir, "test", width=width)
-    train_len, test_len = train.lengths.numpy(), test.lengths.numpy()
-    train, test = train.to(device), test.to(device)
-    test_batches = eval_batches(test_len, cfg.eval_batch_size)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    label = f"{cfg.dataset or Path(cfg.tokens_dir).name}/{cfg.model}/K{len(shards.sizes)}"
-    progress = _Progress(cfg.progress if ranks.rank == 0 else "none", cfg.rounds, label)
-    ids = {"dataset": cfg.dataset or tmeta["dataset"], "model": cfg.model, "clients": len(shards.sizes),
-           "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": num_labels,
-           "chance_accuracy": float(tmeta["chance_accuracy"])}
-
-    def evaluate_global() -> tuple[float, float, float]:
-        flat.data.copy_(strategy.weights)
-        t0 = time.perf_counter()
-        # Ranks split the test batches; the summed counts cover the whole test set exactly once.
-        correct, loss_sum = evaluate(model, test, test_batches[ranks.rank::ranks.world], test_len, protocol, bf16)
-        correct, loss_sum = ranks.sum([correct, loss_sum])
-        return correct / len(test), loss_sum / len(test), time.perf_counter() - t0
+    try:
+        ckpt = _load_checkpoint(ckpt_path, cfg_hash, hashed)
+    except StaleCheckpoint as exc:
+        if cfg.stale_checkpoint != "restart":
+            raise
+        if ranks.rank == 0:
+            print(f"[{label}] {str(exc).split('; ')[0]}; starting over (stale_checkpoint=restart)",
+                  file=sys.stderr, flush=True)
+            ckpt_path.unlink(missing_ok=True)
+        ckpt = None
 
     rows: list[dict[str, Any]] = list(ckpt["metrics"]) if ckpt else []
     start_round = int(ckpt["round"]) + 1 if ckpt else 1
-    if ckpt is None:
-        acc, loss, secs = evaluate_global()
-        rows.append({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": float("nan"),
-                     "examples": 0, "train_seconds": 0.0, "aggregate_seconds": 0.0, "eval_seconds": secs,
-                     "client_update_norm": float("nan"), "mean_update_norm": float("nan")})
-        progress.end_round(rows[-1])
+    saved_round = start_round - 1  # the round checkpoint.pt holds (0: none)
+    threads = torch.get_num_threads()
+    thread_history: list[list[int]] = [list(x) for x in ckpt.get("thread_history", [])] if ckpt else []
+    threads_at_checkpoint = int(ckpt["threads"]) if ckpt and ckpt.get("threads") is not None else None
+    if start_round <= cfg.rounds:  # rounds will be trained at this count
+        if threads_at_checkpoint is not None and threads_at_checkpoint != threads and ranks.rank == 0:
+            print(f"[{label}] warning: resuming at {threads} threads after {threads_at_checkpoint}: "
+                  f"the result is exact only to rounding", file=sys.stderr, flush=True)
+        if not thread_history or thread_history[-1][1] != threads:
+            thread_history.append([start_round, threads])
+    strategy: FedAvg | None = None
 
-    stop = _StopFlag()
-    stop.install()
-    t_start = time.perf_counter()
-    last_saved = start_round - 1
-    total = sum(shards.sizes)
+    def stopping() -> bool:
+        """Whether to stop here; with several ranks, all of them decide together (a collective)."""
+        if ranks.world == 1:
+            return stop_signal.stop_requested()
+        return ranks.max(float(stop_signal.stop_requested())) > 0
+
     try:
+        if stopping():
+            raise Interrupted()
+        model = build_model(cfg.model, num_labels, seed=cfg.seed)
+        if tmeta["vocab_size"] > model.get_input_embeddings().num_embeddings:
+            raise FedsweepError(
+                f"model {cfg.model!r}: its {model.get_input_embeddings().num_embeddings}-token embedding is "
+                f"smaller than tokenizer {tmeta['tokenizer']!r} ({tmeta['vocab_size']} tokens)"
+            )
+        model.to(device)
+        flat = FlatParameters(model)
+        if ckpt is not None:
+            if ckpt["weights"].shape != (len(flat),):
+                raise FedsweepError(
+                    f"checkpoint {str(ckpt_path)!r} holds {ckpt['weights'].numel()} weights, the model's layout "
+                    f"has {len(flat)}; delete it to start over"
+                )
+            flat.data.copy_(ckpt["weights"].to(device))
+        global_weights = flat.data.clone()
+        strategy = FedAvg(global_weights)
+        strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
+        mine = list(range(ranks.rank, len(shards.indices), ranks.world))  # this rank's clients
+        # No larger than this rank's clients: K=1 cells hold one model whatever client_group says.
+        group_size = min(cfg.client_group, len(mine))
+        groups = ClientGroups(model, flat, group_size) if group_size > 1 else None
+        bf16 = precision_settings(cfg.precision, device)
+
+        width = tmeta["max_length"] if not protocol.dynamic_padding else None
+        train = load_split(cfg.tokens_dir, "train", width=width)
+        test = load_split(cfg.tokens_dir, "test", width=width)
+        train_len, test_len = train.lengths.numpy(), test.lengths.numpy()
+        train, test = train.to(device), test.to(device)
+        test_batches = eval_batches(test_len, cfg.eval_batch_size)
+        if stopping():
+            raise Interrupted()
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        progress = _Progress(cfg.progress if ranks.rank == 0 else "none", cfg.rounds, label)
+
+        def evaluate_global() -> tuple[float, float, float]:
+            flat.data.copy_(strategy.weights)
+            t0 = time.perf_counter()
+            # Ranks split the test batches; the summed counts cover the whole test set exactly once.
+            correct, loss_sum = evaluate(model, test, test_batches[ranks.rank::ranks.world], test_len, protocol,
+                                         bf16)
+            correct, loss_sum = ranks.sum([correct, loss_sum])
+            return correct / len(test), loss_sum / len(test), time.perf_counter() - t0
+
+        if ckpt is None:
+            acc, loss, secs = evaluate_global()
+            rows.append({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": float("nan"),
+                         "examples": 0, "train_seconds": 0.0, "aggregate_seconds": 0.0, "eval_seconds": secs,
+                         "client_update_norm": float("nan"), "mean_update_norm": float("nan")})
+            progress.end_round(rows[-1])
+            if stopping():
+                raise Interrupted()
+
+        t_start = time.perf_counter()
+        total = sum(shards.sizes)
         for round_ in range(start_round, cfg.rounds + 1):
             examples_round = sum(
                 (shards.sizes[k] - shards.sizes[k] % cfg.batch_size if protocol.drop_last else shards.sizes[k])
@@ -394,7 +463,8 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
                     model, flat, strategy, train, train_len, shards.indices, mine, epochs=cfg.epochs,
                     batch_size=cfg.batch_size, lr=cfg.lr, protocol=protocol, seed=cfg.seed, round_=round_,
                     bf16=bf16, groups=groups, on_batch=progress.step,
-                    should_stop=stop if ranks.world == 1 else None)
+                    # Between steps with one process only: ranks must reach each collective together.
+                    should_stop=stop_signal.stop_requested if ranks.world == 1 else None)
             except InterruptedError:
                 raise Interrupted() from None
             train_secs, agg_secs = stats.train_seconds, stats.aggregate_seconds
@@ -420,28 +490,42 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
             progress.end_round(row)
             if round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds:
                 if ranks.rank == 0:
-                    _save_checkpoint(ckpt_path, strategy.weights, round_, rows, cfg_hash, hashed)
-                last_saved = round_
+                    _save_checkpoint(ckpt_path, strategy.weights, round_, rows, cfg_hash, hashed, thread_history)
+                saved_round = round_
             # Ranks stop together, at a round boundary (a signal may reach them at different times).
-            if ranks.max(float(stop())) > 0:
+            if stopping():
                 raise Interrupted()
+        wall = time.perf_counter() - t_start
+        if stopping():  # before the final writes: the checkpoint holds the last round
+            raise Interrupted()
     except (Interrupted, FedsweepError) as exc:
         # The global weights are those of the last finished round: save them if not yet saved.
-        done = rows[-1]["round"] if rows else 0
-        if done > last_saved and ranks.rank == 0:
-            _save_checkpoint(ckpt_path, strategy.weights, done, rows, cfg_hash, hashed)
+        done = int(rows[-1]["round"]) if rows else 0  # round 0 is the initial evaluation, not a trained round
+        saved_now = done > saved_round and strategy is not None
+        if saved_now and ranks.rank == 0:
+            _save_checkpoint(ckpt_path, strategy.weights, done, rows, cfg_hash, hashed, thread_history)
         if isinstance(exc, Interrupted):
-            print(f"[{label}] SIGTERM: saved round {done} to {ckpt_path}; rerun to resume", file=sys.stderr)
+            if ranks.rank == 0:
+                if saved_now or saved_round >= start_round:  # saved by this process: now or at its round's end
+                    what = f"saved round {max(done, saved_round)} to {ckpt_path}; rerun to resume"
+                elif saved_round > 0:
+                    what = (f"stopped before round {saved_round + 1} finished; round {saved_round} is in "
+                            f"{ckpt_path} (from an earlier run); rerun to resume")
+                else:
+                    what = "stopped before round 1 finished; nothing saved"
+                print(f"[{label}] SIGTERM: {what}", file=sys.stderr, flush=True)
+            stop_signal.clear_stop_request()  # served: a caller that goes on is not stopped again
             ranks.close()
             raise SystemExit(143) from None
         ranks.close()
         raise
-    finally:
-        stop.uninstall()
-    wall = time.perf_counter() - t_start
 
+    # A SIGTERM from here on lets the final writes complete; the run then ends normally.
     metrics = pd.DataFrame(rows)[METRIC_COLUMNS]
     metrics = metrics[metrics["round"] <= cfg.rounds].reset_index(drop=True)
+    ids = {"dataset": cfg.dataset or tmeta["dataset"], "model": cfg.model, "clients": len(shards.sizes),
+           "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": num_labels,
+           "chance_accuracy": float(tmeta["chance_accuracy"])}
     for k, v in reversed(ids.items()):
         metrics.insert(0, k, v)
     trained = metrics[metrics["round"] > 0]
@@ -456,6 +540,15 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
         "peak_memory_bytes": _peak_memory(device),
         "final_test_accuracy": float(metrics["test_accuracy"].dropna().iloc[-1]),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # Threads: CPU results are bitwise reproducible (and resumable) at one count only.
+        "threads": threads, "threads_at_checkpoint": threads_at_checkpoint,
+        "thread_history": [{"from_round": r, "threads": n} for r, n in thread_history],
+        # The label mapping (class id -> name) and where the data came from: the prepared data
+        # set's name and the sha256 of its train/test files, then the tokens and the shards.
+        "class_names": tmeta.get("class_names"), "data_sha256": tmeta.get("source_sha256"),
+        "data": {"dataset": tmeta.get("dataset"), "tokenizer": tmeta.get("tokenizer"),
+                 "max_length": tmeta.get("max_length"), "tokens_sha256": tmeta.get("sha256"),
+                 "shards": shards.info},
     }
     summary["world_size"] = ranks.world
     if ranks.rank == 0:
@@ -463,6 +556,11 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
         write_json(out / "run.json", summary)
         if not cfg.keep_checkpoint and ckpt_path.exists():
             ckpt_path.unlink()
+    if stop_signal.stop_requested():
+        if ranks.rank == 0:
+            print(f"[{label}] SIGTERM during the final writes: they completed, the run is complete",
+                  file=sys.stderr, flush=True)
+        stop_signal.clear_stop_request()
     ranks.close()
     return metrics
 

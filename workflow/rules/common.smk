@@ -1,12 +1,22 @@
 import glob
 import hashlib
 import json
+import math
 import os
 import re
+import sys
 
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+# The DAG-time input checks (workflow/rules/common.smk's preflight) use fedsweep: the installed
+# package, else this repository's copy (a Snakemake outside fedsweep's environment).
+try:
+    import fedsweep
+except ImportError:
+    sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from fedsweep import FedsweepError, preflight
 
 # pip in envs/fedsweep.yaml installs this repository (editable) from here: Snakemake copies the
 # env file into .snakemake/conda/, so a relative path there would point to the wrong folder.
@@ -45,12 +55,17 @@ def validate_config(cfg):
         err = exc.__context__  # the jsonschema.ValidationError it was raised from
         if not hasattr(err, "absolute_path"):
             raise
-        field = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        field = "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path
+        ).lstrip(".")
+        field = field or "(top level)"
         if "propertyNames" in err.schema_path:
             config_error(
                 f"{field}: name {err.instance!r} is not a filesystem-safe slug "
                 "(letters, digits, '.', '_', '-'; starting with a letter or digit)"
             )
+        if err.validator == "pattern" and err.validator_value == "\\S":
+            config_error(f"{field}={err.instance!r} must not be empty")
         if isinstance(err.instance, dict):  # e.g. an unknown key: the message names it
             config_error(f"{field}: {err.message}")
         config_error(f"{field}={err.instance!r}: {err.message}")
@@ -62,8 +77,40 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
+def _non_finite(value, field):
+    """The first NaN or infinity anywhere in the config (JSON Schema's bounds let NaN through)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return field, value
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value) if isinstance(value, list) else ()
+    )
+    for key, item in items:
+        sub = (
+            f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}".lstrip(".")
+        )
+        found = _non_finite(item, sub)
+        if found:
+            return found
+    return None
+
+
+def _check_folder(cfg, key):
+    path = cfg[key]
+    if not path.strip():
+        config_error(f"{key}={path!r} must name a folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        config_error(f"{key}={path!r} exists and is not a folder")
+
+
 def check_config(cfg):
     """Cross-field checks the schema cannot express."""
+    bad = _non_finite(cfg, "")
+    if bad:
+        config_error(f"{bad[0]}={bad[1]!r} must be a finite number")
+    for key in ("results_dir", "hf_home"):
+        _check_folder(cfg, key)
     for k in cfg["clients"]:
         if k < 1:
             config_error(
@@ -113,6 +160,18 @@ OFFLINE_ENV = (
     f"export HF_HOME='{HF_HOME}' HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
     " TRANSFORMERS_OFFLINE=1;"
 )
+
+
+def show_cause(command):
+    """A job's command, which writes into {log}; on failure the log's last line (fedsweep's
+    one-line `fedsweep: error: ...`) goes to the console too, not only the log's path.
+    """
+    return (
+        command
+        + ' || {{ status=$?; echo "error (log: {log}): $(tail -n 1 {log})" >&2; exit $status; }}'
+    )
+
+
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
 CLIENTS = list(config["clients"])
@@ -202,26 +261,49 @@ def cell_resources(dataset, model):
     return merged
 
 
-# Rows of the hub presets (train, test), for runtime estimates before the data is prepared.
-PRESET_ROWS = {
-    "imdb": (25_000, 25_000),
-    "yelp_review_full": (650_000, 50_000),
-    "ag_news": (120_000, 7_600),
-}
+##### inputs checked before any job: data files, row counts, model folders #####
+
+# Relative paths of local data files resolve against the working directory (where snakemake
+# runs: the repository root); errors show the absolute path.
+ROW_COUNTS = preflight.RowCountCache(".snakemake/fedsweep/row_counts.json")
+
+
+def _strip_prefix(message, name):
+    return message.removeprefix(f"dataset {name!r}: ").removeprefix(f"model {name!r}: ")
+
+
+def _dataset_inputs():
+    """(train, test) rows (None: unknown before download) and the local files of each data set."""
+    from fedsweep.data import local_files, resolve_spec
+
+    rows, files = {}, {}
+    for name, ds in config["datasets"].items():
+        spec = ds.get("spec", {})
+        try:
+            rows[name] = preflight.dataset_rows(name, spec, os.getcwd(), ROW_COUNTS)
+            resolved = resolve_spec(name, spec)
+            files[name] = (
+                local_files(resolved, os.getcwd())
+                if resolved["source"] == "local"
+                else []
+            )
+        except FedsweepError as exc:
+            config_error(f"datasets.{name}.spec: {_strip_prefix(str(exc), name)}")
+    ROW_COUNTS.save()
+    return rows, files
+
+
+DATASET_ROWS, DATA_FILES = _dataset_inputs()
 
 
 def dataset_rows(dataset):
-    """(train, test) rows: from the prepared data when it exists, else the spec or preset."""
+    """(train, test) rows for runtime estimates: prepared, counted, from the preset, or a guess."""
     meta = f"{RESULTS}/data/{dataset}/meta.json"
     if os.path.exists(meta):
         with open(meta) as f:
             rows = json.load(f)["rows"]
         return rows["train"], rows["test"]
-    spec = config["datasets"][dataset].get("spec", {})
-    train, test = PRESET_ROWS.get(dataset, (100_000, 10_000))
-    train = spec.get("max_train") or spec.get("train_size") or train
-    test = spec.get("max_test") or spec.get("test_size") or test
-    return train, test
+    return DATASET_ROWS[dataset] or (100_000, 10_000)
 
 
 def train_runtime(wildcards, attempt):
@@ -249,25 +331,70 @@ def train_launcher(wildcards):
 
 
 def _check_cells():
-    # A shard smaller than a batch is rejected by `fedsweep train`; catch what we can now.
+    """Shards smaller than a batch, or more clients than rows, before any job runs."""
     for cell in CELLS:
         train = cell_train(**cell)
-        spec = config["datasets"][cell["dataset"]].get("spec", {})
-        rows = spec.get("max_train") or spec.get("train_size")
-        if isinstance(rows, int) and rows // cell["clients"] < train["batch_size"]:
+        rows = DATASET_ROWS[cell["dataset"]]
+        if rows is None:
+            continue
+        k, where = cell["clients"], f"datasets.{cell['dataset']}"
+        if k > rows[0]:
+            config_error(f"clients={k} exceeds the {rows[0]} training rows of {where}")
+        if PARTITION["scheme"] == "iid" and rows[0] // k < train["batch_size"]:
             config_error(
-                f"clients={cell['clients']} splits the {rows} training rows of "
-                f"datasets.{cell['dataset']} into shards smaller than "
-                f"batch_size={train['batch_size']} (model {cell['model']})"
+                f"clients={k} splits the {rows[0]} training rows of {where} into shards "
+                f"smaller than batch_size={train['batch_size']} (model {cell['model']})"
             )
 
 
+def _model_inputs():
+    """The files of local model folders (declared inputs of fetch_model, so an edited model
+    reruns its cells), and each model's longest max_length against its positions."""
+    files = {}
+    for model in MODELS:
+        for key, spec in (
+            ("spec", model_spec(model)),
+            ("tokenizer", config["models"][model].get("tokenizer")),
+        ):
+            if spec is None:
+                continue
+            try:
+                files[tokenizer_slug(spec)] = preflight.model_files(spec)
+            except FedsweepError as exc:
+                config_error(
+                    f"models.{model}.{key}={spec!r}: {_strip_prefix(str(exc), spec)}"
+                )
+        cell = max(
+            (c for c in CELLS if c["model"] == model),
+            key=lambda c: cell_train(**c)["max_length"],
+        )
+        length = cell_train(**cell)["max_length"]
+        try:
+            preflight.check_max_length(model_spec(model), length, "")
+        except FedsweepError as exc:
+            config_error(
+                f"models.{model}: {exc} (dataset {cell['dataset']}, K={cell['clients']})"
+            )
+    return files
+
+
+MODEL_FILES = _model_inputs()
+
+
+def max_length_of_spec(spec):
+    """The longest max_length any cell asks of a model spec (checked by `fedsweep fetch`)."""
+    lengths = [
+        cell_train(**c)["max_length"] for c in CELLS if model_spec(c["model"]) == spec
+    ]
+    return max(lengths, default=0)
+
+
+PARTITION = config["partition"]
 _check_cells()
 
 
 ##### paths #####
 
-PARTITION = config["partition"]
 SCHEME = "iid" if PARTITION["scheme"] == "iid" else f"dirichlet-a{PARTITION['alpha']:g}"
 
 
@@ -405,4 +532,7 @@ def report_outputs():
         for name in FIGURES
         for ext in ("png", "pdf")
     }
-    return {**tables, **figures}
+    # What each data set's class ids mean (from the cells' run.json): read the tables without
+    # the data folder.
+    datasets = {"datasets": f"{RESULTS}/tables/datasets.json"}
+    return {**tables, **figures, **datasets}

@@ -4,7 +4,10 @@ localrules:
     fetch_model,
 
 
+# A local data set's files are inputs: editing one reruns its data, tokens, shards and cells.
 rule prepare_data:
+    input:
+        lambda wildcards: DATA_FILES[wildcards.dataset],
     output:
         train=f"{RESULTS}/data/{{dataset}}/train.parquet",
         test=f"{RESULTS}/data/{{dataset}}/test.parquet",
@@ -19,13 +22,19 @@ rule prepare_data:
         ),
         out_dir=lambda wildcards, output: os.path.dirname(output.meta),
     shell:
-        ONLINE_ENV
-        + " fedsweep prepare --name {wildcards.dataset} --spec {params.spec:q}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        show_cause(
+            ONLINE_ENV
+            + " fedsweep prepare --name {wildcards.dataset} --spec {params.spec:q}"
+            " --out-dir {params.out_dir} > {log} 2>&1"
+        )
 
 
-# A model's weights and tokenizer into the cache (a no-op record for bundled, tiny and local ones).
+# A model's weights and tokenizer into the cache (a no-op record for bundled, tiny and local
+# ones), checking the longest max_length against its positions. A local model folder's files
+# are inputs: editing them reruns the cells of that model.
 rule fetch_model:
+    input:
+        lambda wildcards: MODEL_FILES.get(wildcards.spec_slug, []),
     output:
         f"{RESULTS}/models/{{spec_slug}}.json",
     log:
@@ -34,9 +43,13 @@ rule fetch_model:
         ENV
     params:
         spec=lambda wildcards: FETCH[wildcards.spec_slug],
+        max_length=lambda wildcards: max_length_of_spec(FETCH[wildcards.spec_slug]),
     shell:
-        ONLINE_ENV
-        + " fedsweep fetch --model {params.spec:q} --out {output} > {log} 2>&1"
+        show_cause(
+            ONLINE_ENV
+            + " fedsweep fetch --model {params.spec:q} --max-length {params.max_length}"
+            " --out {output} > {log} 2>&1"
+        )
 
 
 rule tokenize:
@@ -59,6 +72,8 @@ rule tokenize:
         data_dir=lambda wildcards, input: os.path.dirname(input.meta),
         out_dir=lambda wildcards, output: os.path.dirname(output.meta),
     shell:
-        OFFLINE_ENV + " RAYON_NUM_THREADS={threads} OMP_NUM_THREADS={threads}"
-        " fedsweep tokenize --data-dir {params.data_dir} --tokenizer {params.tokenizer:q}"
-        " --max-length {wildcards.max_length} --out-dir {params.out_dir} > {log} 2>&1"
+        show_cause(
+            OFFLINE_ENV + " RAYON_NUM_THREADS={threads} OMP_NUM_THREADS={threads}"
+            " fedsweep tokenize --data-dir {params.data_dir} --tokenizer {params.tokenizer:q}"
+            " --max-length {wildcards.max_length} --out-dir {params.out_dir} > {log} 2>&1"
+        )

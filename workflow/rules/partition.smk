@@ -13,7 +13,9 @@ rule partition:
         scheme=PARTITION["scheme"],
         alpha=f"--alpha {PARTITION['alpha']}" if "alpha" in PARTITION else "",
     shell:
-        OFFLINE_ENV
-        + " fedsweep partition --data-dir {params.data_dir} --clients {wildcards.clients}"
-        " --seed {wildcards.seed} --scheme {params.scheme} {params.alpha}"
-        " --out {output} > {log} 2>&1"
+        show_cause(
+            OFFLINE_ENV
+            + " fedsweep partition --data-dir {params.data_dir} --clients {wildcards.clients}"
+            " --seed {wildcards.seed} --scheme {params.scheme} {params.alpha}"
+            " --out {output} > {log} 2>&1"
+        )

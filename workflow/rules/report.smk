@@ -14,7 +14,7 @@ rule report_config:
     params:
         text=report_config(),
     shell:
-        "printf '%s' {params.text:q} > {output} 2> {log}"
+        show_cause("printf '%s' {params.text:q} > {output} 2> {log}")
 
 
 # Tables and figures of the whole grid: needs (and so schedules) every cell.
@@ -34,9 +34,11 @@ rule report:
             output.accuracy_vs_clients_png
         ),
     shell:
-        OFFLINE_ENV
-        + " fedsweep report --metrics {input.metrics} --config {input.config}"
-        " --tables-dir {params.tables_dir} --figures-dir {params.figures_dir} > {log} 2>&1"
+        show_cause(
+            OFFLINE_ENV
+            + " fedsweep report --metrics {input.metrics} --config {input.config}"
+            " --tables-dir {params.tables_dir} --figures-dir {params.figures_dir} > {log} 2>&1"
+        )
 
 
 # `snakemake figures`: the same tables and figures from whatever metrics.parquet exist now
@@ -61,9 +63,11 @@ rule figures:
             output.accuracy_vs_clients_png
         ),
     shell:
-        OFFLINE_ENV
-        + " fedsweep report --metrics {params.metrics} --config {input.config}"
-        " --tables-dir {params.tables_dir} --figures-dir {params.figures_dir} > {log} 2>&1"
+        show_cause(
+            OFFLINE_ENV
+            + " fedsweep report --metrics {params.metrics} --config {input.config}"
+            " --tables-dir {params.tables_dir} --figures-dir {params.figures_dir} > {log} 2>&1"
+        )
 
 
 ruleorder: report > figures

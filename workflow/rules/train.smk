@@ -1,5 +1,7 @@
 # checkpoint.pt stays in the run folder but is not a declared output: Snakemake leaves it alone
-# when a job fails or is killed, and `fedsweep train` resumes from it when the job is rerun.
+# when a job fails or is killed, and `fedsweep train` resumes from it when the job is rerun. A
+# cell reruns for a changed setting, data set or model too: then its checkpoint is stale, and
+# `--stale-checkpoint restart` starts the cell over (saying why in its log).
 rule train:
     input:
         unpack(train_inputs),
@@ -30,8 +32,10 @@ rule train:
         args=train_args,
         launcher=train_launcher,
     shell:
-        OFFLINE_ENV + " OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
-        " {params.launcher} train --tokens-dir {params.tokens_dir} --shards {input.shards}"
-        " --model {params.spec:q} --dataset {wildcards.dataset} --seed {wildcards.seed}"
-        " --rounds {params.rounds} {params.args} --progress lines"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        show_cause(
+            OFFLINE_ENV + " OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+            " {params.launcher} train --tokens-dir {params.tokens_dir} --shards {input.shards}"
+            " --model {params.spec:q} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+            " --rounds {params.rounds} {params.args} --progress lines --stale-checkpoint restart"
+            " --out-dir {params.out_dir} > {log} 2>&1"
+        )

@@ -1,0 +1,365 @@
+"""Broken configs and inputs stop the workflow before any job, with one line naming the field.
+
+A corpus of broken configs (schema and cross-field mistakes, NaN/inf, empty specs, bad
+results_dir, local data files that are missing or too small for K, local model folders that are
+missing or too short for max_length). Each case runs `snakemake --cores 1` (not a dry run: the
+error must come before any job could start) in a fresh copy of the workflow and checks that it
+fails, prints exactly the expected `config: ...` line, starts no job and leaves no output.
+
+Then: editing a local data file (or a local model folder) after a finished run reruns exactly
+what depends on it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from test_workflow import copy_workflow, job_counts, snakemake, write_config
+
+
+def base_config() -> dict:
+    return {
+        "clients": [1, 2],
+        "models": {"tiny-bert": {"tokenizer": "minilm", "train": {"lr": 0.1}}},
+        "datasets": {
+            "synthetic": {
+                "spec": {"source": "synthetic", "num_classes": 4, "train_size": 128, "test_size": 64},
+                "budget": 1, "second_threshold": 2,
+            }
+        },
+        "train": {"epochs": 1, "batch_size": 16, "max_length": 32},
+    }
+
+
+def local_csv(rows: int, name: str = "train.csv") -> dict:
+    """A local data set over CSV files the case writes into its workdir (see write_inputs)."""
+    return {"spec": {"source": "local", "train": f"data/{rows}_{name}", "test": "data/test.csv"},
+            "budget": 1, "second_threshold": 1}
+
+
+def write_inputs(work: Path) -> None:
+    """Small valid data files and model folders that cases point at (relative to the workdir)."""
+    data = work / "data"
+    data.mkdir()
+    words = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
+    for rows in (40, 300):
+        pd.DataFrame({"text": [f"{words[i % 4]} {i}" for i in range(rows)],
+                      "label": [i % 4 for i in range(rows)]}).to_csv(data / f"{rows}_train.csv", index=False)
+    pd.DataFrame({"text": [f"{w} test" for w in words], "label": range(4)}).to_csv(data / "test.csv", index=False)
+    pd.DataFrame({"text": [f"{words[i % 4]} {i}" for i in range(50)],
+                  "label": [i % 4 for i in range(50)]}).to_parquet(data / "50.parquet")
+    (work / "afile").write_text("not a folder\n")
+    (work / "afile0").write_text("")
+    (data / "garbage.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    short = work / "models" / "short"  # a local model folder whose positions stop at 16
+    short.mkdir(parents=True)
+    (short / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 16}\n')
+    (work / "models" / "empty").mkdir()
+
+
+def _set(path: str, value):
+    """A change: set config[path] (dotted keys) to value."""
+    def change(c: dict) -> None:
+        *parents, last = path.split(".")
+        node = c
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return change
+
+
+def _delete(path: str):
+    def change(c: dict) -> None:
+        *parents, last = path.split(".")
+        node = c
+        for key in parents:
+            node = node[key]
+        del node[last]
+    return change
+
+
+def _dataset(name: str, entry: dict):
+    def change(c: dict) -> None:
+        c["datasets"] = {name: entry}
+    return change
+
+
+def _model(name: str, entry: dict):
+    def change(c: dict) -> None:
+        c["models"] = {name: entry}
+    return change
+
+
+def _both(*changes):
+    def change(c: dict) -> None:
+        for ch in changes:
+            ch(c)
+    return change
+
+
+W = "{work}"  # the case's workdir, filled in when the expectation is checked
+SYN = {"source": "synthetic", "num_classes": 4, "train_size": 128, "test_size": 64}
+
+# (id, change to base_config(), the exact `config: ...` line)
+CASES = [
+    # the schema: types, ranges, names, unknown keys
+    ("unknown-top-key", _set("modelz", {}),
+     "config: (top level): Additional properties are not allowed ('modelz' was unexpected)"),
+    ("no-datasets", _delete("datasets"), "config: (top level): 'datasets' is a required property"),
+    ("no-budget", _delete("datasets.synthetic.budget"),
+     "config: datasets.synthetic: 'budget' is a required property"),
+    ("unknown-train-key", _set("train.learning_rate", 0.1),
+     "config: train: Additional properties are not allowed ('learning_rate' was unexpected)"),
+    ("lr-negative", _set("models.tiny-bert.train.lr", -1),
+     "config: models.tiny-bert.train.lr=-1: -1 is less than or equal to the minimum of 0"),
+    ("lr-string", _set("train.lr", "fast"), "config: train.lr='fast': 'fast' is not of type 'number'"),
+    ("epochs-zero", _set("train.epochs", 0), "config: train.epochs=0: 0 is less than the minimum of 1"),
+    ("batch-size-float", _set("train.batch_size", 16.5),
+     "config: train.batch_size=16.5: 16.5 is not of type 'integer'"),
+    ("max-length-1", _set("train.max_length", 1), "config: train.max_length=1: 1 is less than the minimum of 2"),
+    ("protocol", _set("train.protocol", "fast"),
+     "config: train.protocol='fast': 'fast' is not one of ['standard', 'paper']"),
+    ("precision", _set("train.precision", "fp16"),
+     "config: train.precision='fp16': 'fp16' is not one of ['auto', 'fp32', 'tf32', 'bf16']"),
+    ("target-fraction", _set("target_fraction", 1.5),
+     "config: target_fraction=1.5: 1.5 is greater than the maximum of 1"),
+    ("threads-zero", _set("threads.train", 0), "config: threads.train=0: 0 is less than the minimum of 1"),
+    ("gpus-negative", _set("resources.gpus", -1), "config: resources.gpus=-1: -1 is less than the minimum of 0"),
+    ("model-slug", _model("bad/name", {"spec": "tiny-bert"}),
+     "config: models: name 'bad/name' is not a filesystem-safe slug (letters, digits, '.', '_', '-'; "
+     "starting with a letter or digit)"),
+    ("override-unknown-key", _set("overrides", [{"set": {"lrate": 1}}]),
+     "config: overrides[0].set: Additional properties are not allowed ('lrate' was unexpected)"),
+    # NaN and infinity pass JSON Schema's bounds: caught by the cross-field checks
+    ("lr-nan", _set("train.lr", float("nan")), "config: train.lr=nan must be a finite number"),
+    ("lr-inf", _set("models.tiny-bert.train.lr", float("inf")),
+     "config: models.tiny-bert.train.lr=inf must be a finite number"),
+    ("override-lr-nan", _set("overrides", [{"clients": 2, "set": {"lr": float("nan")}}]),
+     "config: overrides[0].set.lr=nan must be a finite number"),
+    ("throughput-inf", _set("resources.throughput", float("inf")),
+     "config: resources.throughput=inf must be a finite number"),
+    # cross-field checks
+    ("clients-zero", _set("clients", [0, 2]), "config: clients=[0, 2]: every K must be an integer >= 1 (got 0)"),
+    ("clients-repeated", _set("clients", [1, 1]), "config: clients=[1, 1]: values must be distinct"),
+    ("seeds-repeated", _set("seeds", [3, 3]), "config: seeds=[3, 3]: values must be distinct"),
+    ("budget-above-threshold", _set("datasets.synthetic.budget", 5),
+     "config: datasets.synthetic.budget=5 exceeds datasets.synthetic.second_threshold=2"),
+    ("override-model", _set("overrides", [{"model": "bert", "set": {"lr": 0.1}}]),
+     "config: overrides[0].model='bert' is not in the config's models (tiny-bert)"),
+    ("override-clients", _set("overrides", [{"clients": [2, 64], "set": {"lr": 0.1}}]),
+     "config: overrides[0].clients=64 is not in the config's clients (1, 2)"),
+    ("dirichlet-no-alpha", _set("partition", {"scheme": "dirichlet"}),
+     "config: partition.alpha is required with partition.scheme=dirichlet"),
+    ("iid-with-alpha", _set("partition", {"scheme": "iid", "alpha": 0.5}),
+     "config: partition.alpha=0.5 is only used with partition.scheme=dirichlet"),
+    # empty specs and output folders
+    ("spec-empty", _set("models.tiny-bert.spec", ""), "config: models.tiny-bert.spec='' must not be empty"),
+    ("tokenizer-empty", _set("models.tiny-bert.tokenizer", " "),
+     "config: models.tiny-bert.tokenizer=' ' must not be empty"),
+    ("results-dir-empty", _set("results_dir", ""), "config: results_dir='' must not be empty"),
+    ("results-dir-file", _set("results_dir", "afile"), "config: results_dir='afile' exists and is not a folder"),
+    ("hf-home-file", _set("hf_home", "afile"), "config: hf_home='afile' exists and is not a folder"),
+    # data set specs, checked as `fedsweep prepare` checks them, before any job
+    ("source-unknown", _set("datasets.synthetic.spec.source", "kaggle"),
+     "config: datasets.synthetic.spec.source='kaggle': 'kaggle' is not one of ['hub', 'local', 'synthetic']"),
+    ("synthetic-unknown-key", _set("datasets.synthetic.spec.num_class", 4),
+     "config: datasets.synthetic.spec: Additional properties are not allowed ('num_class' was unexpected)"),
+    ("no-spec-no-preset", _dataset("mydata", {"budget": 1, "second_threshold": 1}),
+     "config: datasets.mydata.spec: unknown data set (no spec given and no preset; presets: ag_news, imdb, "
+     "yelp_review_full)"),
+    ("hub-without-id", _dataset("mydata", {"spec": {"source": "hub"}, "budget": 1, "second_threshold": 1}),
+     "config: datasets.mydata.spec: source=hub needs hub_id"),
+    ("max-train-zero", _set("datasets.synthetic.spec.max_train", 0),
+     "config: datasets.synthetic.spec: max_train=0 must be a positive integer"),
+    ("local-unknown-key", _dataset("mine", {**local_csv(300), "spec": {**local_csv(300)["spec"], "max_trian": 50}}),
+     "config: datasets.mine.spec: Additional properties are not allowed ('max_trian' was unexpected)"),
+    ("hub-unknown-key", _dataset("imdb", {"spec": {"max_trian": 50}, "budget": 1, "second_threshold": 1}),
+     "config: datasets.imdb.spec: Additional properties are not allowed ('max_trian' was unexpected)"),
+    ("local-missing-file", _dataset("mine", local_csv(300, "nothere.csv")),
+     f"config: datasets.mine.spec: {W}/data/300_nothere.csv: train file does not exist"),
+    ("local-empty-file", _dataset("mine", {**local_csv(300), "spec": {**local_csv(300)["spec"], "test": "afile0"}}),
+     f"config: datasets.mine.spec: {W}/afile0: test file is empty (0 bytes)"),
+    ("local-unknown-format", _dataset("mine", {**local_csv(300), "spec": {**local_csv(300)["spec"], "test": "afile"}}),
+     f"config: datasets.mine.spec: {W}/afile: unknown format '' (expected .parquet, .csv, .tsv, .jsonl or .json; "
+     "text files may end in .gz, .bz2 or .xz)"),
+    ("local-garbage-parquet", _dataset("mine", {**local_csv(300), "spec": {**local_csv(300)["spec"],
+                                                                          "train": "data/garbage.parquet"}}),
+     f"config: datasets.mine.spec: {W}/data/garbage.parquet: not a readable Parquet file "
+     "(no Parquet footer: truncated, or not Parquet at all)"),
+    ("local-class-names-duplicated", _dataset("mine", {**local_csv(300), "spec": {**local_csv(300)["spec"],
+                                                                                "class_names": ["a", "b", "a"]}}),
+     "config: datasets.mine.spec: class_names has duplicates: 'a'"),
+    ("local-k-above-rows", _both(_dataset("mine", local_csv(40)), _set("clients", [1, 64])),
+     "config: clients=64 exceeds the 40 training rows of datasets.mine"),
+    ("local-shards-below-batch", _both(_dataset("mine", local_csv(40)), _set("clients", [1, 4])),
+     "config: clients=4 splits the 40 training rows of datasets.mine into shards smaller than batch_size=16 "
+     "(model tiny-bert)"),
+    ("local-max-train-small", _both(
+        _dataset("mine", {**local_csv(300), "spec": {**local_csv(300)["spec"], "max_train": 20}}),
+        _set("clients", [1, 2])),
+     "config: clients=2 splits the 20 training rows of datasets.mine into shards smaller than batch_size=16 "
+     "(model tiny-bert)"),
+    ("local-parquet-shards", _both(
+        _dataset("mine", {"spec": {"source": "local", "train": "data/50.parquet", "test": "data/test.csv"},
+                          "budget": 1, "second_threshold": 1}),
+        _set("clients", [1, 4])),
+     "config: clients=4 splits the 50 training rows of datasets.mine into shards smaller than batch_size=16 "
+     "(model tiny-bert)"),
+    ("synthetic-k-above-rows", _set("clients", [1, 200]),
+     "config: clients=200 exceeds the 128 training rows of datasets.synthetic"),
+    ("synthetic-shards-below-batch", _set("clients", [1, 16]),
+     "config: clients=16 splits the 128 training rows of datasets.synthetic into shards smaller than "
+     "batch_size=16 (model tiny-bert)"),
+    # local model folders and positions
+    ("model-dir-missing", _model("mine", {"spec": "./models/nothere", "tokenizer": "minilm"}),
+     f"config: models.mine.spec='./models/nothere': directory '{W}/models/nothere' does not exist"),
+    ("model-dir-no-config", _model("mine", {"spec": "./models/empty", "tokenizer": "minilm"}),
+     f"config: models.mine.spec='./models/empty': directory '{W}/models/empty' has no config.json "
+     "(save it with save_pretrained)"),
+    ("tokenizer-dir-missing", _model("tiny-bert", {"tokenizer": "/nonexistent/tok"}),
+     "config: models.tiny-bert.tokenizer='/nonexistent/tok': directory '/nonexistent/tok' does not exist"),
+    ("max-length-above-positions", _set("train.max_length", 600),
+     "config: models.tiny-bert: max_length=600 exceeds model 'tiny-bert''s 512 positions (dataset synthetic, K=1)"),
+    ("local-model-short-positions", _model("short", {"spec": "./models/short", "tokenizer": "minilm"}),
+     "config: models.short: max_length=32 exceeds model './models/short''s 16 positions (dataset synthetic, K=1)"),
+    ("override-max-length", _set("overrides", [{"clients": 2, "set": {"max_length": 1024}}]),
+     "config: models.tiny-bert: max_length=1024 exceeds model 'tiny-bert''s 512 positions (dataset synthetic, K=2)"),
+]
+
+
+def _run_case(root: Path, case_id: str, change) -> tuple[int, str, Path]:
+    work = copy_workflow(root / case_id)
+    write_inputs(work)
+    config = base_config()
+    change(config)
+    write_config(work / "config/bad.yaml", config)
+    proc = snakemake(work, "--cores", "1", "--configfile", "config/bad.yaml", check=False, timeout=180)
+    return proc.returncode, proc.stdout + proc.stderr, work
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case run once, three at a time (each is a separate Snakemake process)."""
+    root = tmp_path_factory.mktemp("config_errors")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {cid: pool.submit(_run_case, root, cid, change) for cid, change, _ in CASES}
+        return {cid: f.result() for cid, f in futures.items()}
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case_id, expected", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_broken_config_stops_before_any_job(outcomes, case_id, expected):
+    rc, out, work = outcomes[case_id]
+    assert rc != 0, out
+    lines = [line for line in out.splitlines() if line.startswith("config: ")]
+    assert len(lines) == 1, out
+    if expected is not None:
+        assert lines[0] == expected.replace(W, str(work)), out
+    assert "Job stats:" not in out and "localrule " not in out and "\nrule " not in out, out
+    # nothing written: no results folder (or only what the case made itself) and no job logs
+    leftovers = [p for p in work.rglob("*") if p.is_file() and p.parts[len(work.parts)] == "results"]
+    assert leftovers == [], leftovers
+
+
+# ----------------------------------------------------------------------------- changed inputs rerun
+
+
+def _rerun_config() -> dict:
+    """Two data sets (a local CSV and a synthetic one) x two models (a built-in tiny one and a local
+    save_pretrained folder) x K in {1, 2}, one round each: 8 small cells."""
+    return {
+        "clients": [1, 2],
+        "models": {"tiny-bert": {"tokenizer": "minilm"},
+                   "mybert": {"spec": "./models/mybert", "tokenizer": "minilm"}},
+        "datasets": {
+            "mine": {"spec": {"source": "local", "train": "data/300_train.csv", "test": "data/test.csv"},
+                     "budget": 1, "second_threshold": 1},
+            "synthetic": {"spec": {**SYN, "train_size": 96, "test_size": 32}, "budget": 1, "second_threshold": 1},
+        },
+        "train": {"epochs": 1, "batch_size": 16, "max_length": 16, "lr": 0.05},
+        "threads": {"tokenize": 1, "train": 1},
+        "resources": {"gpus": 0, "mem_mb": 2000, "runtime": 10},
+    }
+
+
+def _save_local_model(folder: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from fedsweep.models import tiny_config
+
+    AutoModelForSequenceClassification.from_config(tiny_config("tiny-bert", 4)).save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_changed_local_data_or_model_reruns_exactly_what_depends_on_it(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    write_inputs(work)
+    _save_local_model(work / "models" / "mybert")
+    write_config(work / "config/rerun.yaml", _rerun_config())
+    args = ("--configfile", "config/rerun.yaml")
+    snakemake(work, "--cores", "2", *args, timeout=900)
+    assert "Nothing to be done" in (p := snakemake(work, "-n", *args)).stdout + p.stderr
+
+    # The user's data file changes (300 -> 200 rows): its data, tokens, shards and 4 cells rerun.
+    csv = work / "data" / "300_train.csv"
+    pd.read_csv(csv).head(200).to_csv(csv, index=False)
+    dry = snakemake(work, "-n", *args)
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "prepare_data": 1, "tokenize": 1, "partition": 2, "train": 4, "report": 1, "all": 1}, dry.stdout
+    assert "results/runs/synthetic" not in dry.stdout
+    snakemake(work, "--cores", "2", *args, timeout=900)
+    meta = yaml.safe_load((work / "results/data/mine/meta.json").read_text())
+    assert meta["rows"]["train"] == 200
+
+    # The local model's weights change: its fetch record and its 4 cells rerun, nothing else.
+    weights = next((work / "models" / "mybert").glob("*.safetensors"))
+    os.utime(weights)
+    dry = snakemake(work, "-n", *args)
+    assert job_counts(dry.stdout + dry.stderr) == {"fetch_model": 1, "train": 4, "report": 1, "all": 1}, dry.stdout
+    assert "runs/mine/tiny-bert" not in dry.stdout and "runs/synthetic/tiny-bert" not in dry.stdout
+
+
+def test_schema_mirrors_the_spec_keys_of_every_source():
+    """The config schema's per-source spec keys are exactly those `fedsweep prepare` accepts."""
+    from fedsweep.data import SPEC_KEYS
+
+    root = Path(__file__).resolve().parents[1]
+    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())
+    spec = schema["properties"]["datasets"]["additionalProperties"]["properties"]["spec"]
+    by_source = {}
+    for rule in spec["allOf"]:
+        condition = rule["if"]
+        source = condition["properties"]["source"]["const"] if "properties" in condition else "hub"
+        by_source[source] = set(rule["then"]["properties"])
+    assert by_source == {source: set(keys) for source, keys in SPEC_KEYS.items()}
+
+
+def test_bad_data_content_fails_its_prepare_job_with_the_cause_on_the_console(tmp_path):
+    """What only reading the data can show (here an empty label cell) fails the data set's first job,
+    and the console shows fedsweep's one-line cause, not only the log's path; nothing trains."""
+    work = copy_workflow(tmp_path / "wf")
+    write_inputs(work)
+    csv = work / "data" / "300_train.csv"
+    frame = pd.read_csv(csv).astype({"label": "object"})
+    frame.loc[7, "label"] = ""
+    frame.to_csv(csv, index=False)
+    config = base_config()
+    config["datasets"] = {"mine": local_csv(300)}
+    write_config(work / "config/bad.yaml", config)
+    proc = snakemake(work, "--cores", "1", "--configfile", "config/bad.yaml", check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    causes = [line for line in out.splitlines() if line.startswith("error (log: ")]
+    assert causes == [f"error (log: results/logs/prepare_data/mine.log): fedsweep: error: {csv}: row 7 (line 9): "
+                      "label (column 'label') is empty"], out
+    assert not (work / "results" / "runs").exists()
+    assert not (work / "results" / "data" / "mine" / "meta.json").exists()
