@@ -23,6 +23,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 
 
+# With the slurm executor: stop before any job when the cluster would hang or refuse the jobs
+# (workflow/rules/common.smk, check_cluster).
+onstart:
+    check_cluster()
+
+
 rule all:
     default_target: True
     input:

@@ -82,7 +82,9 @@ def sync(device: torch.device) -> None:
 
 
 def measure(s: Setup, name: str, clients: int, train, test) -> dict:
-    from fedsweep.engine import FedAvg, FlatParameters, Protocol, client_batches, eval_batches, evaluate, train_round
+    from fedsweep.engine import FlatParameters, Protocol, client_batches, eval_batches, evaluate
+    from fedsweep.rounds import train_round
+    from fedsweep.strategies import FedAvg
     from fedsweep.grouped import ClientGroups
     from fedsweep.train import precision_settings
 

@@ -36,7 +36,9 @@ def measure(model_spec: str, clients: int, examples: int, epochs: int, threads: 
     import torch.nn.functional as F
 
     from common import peak_rss_mib, tokens_dir
-    from fedsweep.engine import PROTOCOLS, FedAvg, FlatParameters, _batches_on_device, client_batches, train_round
+    from fedsweep.engine import PROTOCOLS, FlatParameters, _batches_on_device, client_batches
+    from fedsweep.rounds import train_round
+    from fedsweep.strategies import FedAvg
     from fedsweep.models import build_model
     from fedsweep.partition import iid_shards
     from fedsweep.tokens import load_split

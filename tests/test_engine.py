@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import without_dropout
-from fedsweep.engine import (PROTOCOLS, FedAvg, FlatParameters, client_batches, derive_seed, train_client,
-                             train_round)
+from fedsweep.clients import train_client
+from fedsweep.engine import PROTOCOLS, FlatParameters, client_batches, derive_seed
+from fedsweep.rounds import train_round
+from fedsweep.strategies import FedAvg
 from fedsweep.models import build_model
 from fedsweep.partition import iid_shards
 from fedsweep.tokens import load_split

@@ -9,7 +9,9 @@ import torch
 
 from conftest import without_dropout
 from fedsweep import FedsweepError
-from fedsweep.engine import PROTOCOLS, FedAvg, FlatParameters, train_round
+from fedsweep.engine import PROTOCOLS, FlatParameters
+from fedsweep.rounds import train_round
+from fedsweep.strategies import FedAvg
 from fedsweep.grouped import ClientGroups
 from fedsweep.models import build_model
 from fedsweep.partition import iid_shards, write_shards

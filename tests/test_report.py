@@ -66,7 +66,8 @@ CELLS = [
 def write_tree(root, cells):
     for frame in cells:
         first = frame.iloc[0]
-        out = root / first["dataset"] / first["model"] / f"K{first['clients']}" / f"seed{first['seed']}"
+        out = root / first["dataset"] / first["model"] / str(first.get("algorithm", "")) / f"K{first['clients']}" \
+            / f"seed{first['seed']}"
         out.mkdir(parents=True)
         frame.to_parquet(out / "metrics.parquet", index=False)
     return root
@@ -92,8 +93,10 @@ def row(table, dataset, model, clients, seed):
 
 def test_accuracy_at_budget_table(report):
     table = report["accuracy"]
-    assert list(table.columns) == ["model", "dataset", "clients", "seed", "budget", "round_used", "accuracy",
-                                   "baseline_accuracy", "ratio", "chance_accuracy", "seeds"]
+    assert list(table.columns) == ["model", "algorithm", "dataset", "clients", "seed", "budget", "round_used",
+                                   "accuracy", "baseline_accuracy", "ratio", "baseline_algorithm", "chance_accuracy",
+                                   "seeds"]
+    assert set(table["algorithm"]) == {"fedavg"}  # metrics without the column are FedAvg's
     # 11 seed rows + one "mean" row per (model, dataset, K): 8 cells.
     assert len(table) == 11 + 8
     assert table["accuracy"].between(0, 1).all()
@@ -120,8 +123,8 @@ def test_accuracy_at_budget_table(report):
 
 def test_rounds_to_target_table(report):
     table = report["rounds"]
-    assert list(table.columns) == ["model", "dataset", "clients", "seed", "target_accuracy", "rounds", "reached",
-                                   "searched_until", "status", "seeds"]
+    assert list(table.columns) == ["model", "algorithm", "dataset", "clients", "seed", "target_accuracy", "rounds",
+                                   "reached", "searched_until", "status", "seeds"]
     # Hand-computed: target 0.9 * 0.9 = 0.81; K=2 is 0.5 + 0.02 r >= 0.81 first at r = 16, K=1 at r = 8.
     k2 = row(table, "imdb", "tiny", 2, 0)
     assert k2["target_accuracy"] == pytest.approx(0.81)
@@ -229,3 +232,54 @@ def test_datasets_sidecar_names_the_classes_from_run_json(tmp_path):
     frame = pd.DataFrame({"dataset": ["news", "other"], "source": [str(run / "metrics.parquet"),
                                                                    str(tmp_path / "x" / "metrics.parquet")]})
     assert dataset_labels(frame) == {"news": {"class_names": ["World", "Sports"], "data_sha256": {"train": "ab"}}}
+
+
+def test_algorithms_are_a_dimension_of_tables_and_figures(tmp_path):
+    """Cells of several algorithms: a row per (model, algorithm, data set, K, seed); each algorithm is
+    compared with its own K=1 cell, or with FedAvg's where it has none; files without the column are
+    FedAvg's; the same cell under two algorithms is not a duplicate; the figures facet by model."""
+
+    def algorithm(frame, name):
+        return frame.assign(algorithm=name)
+
+    cells = [
+        cell("imdb", "tiny", 1, 0, 20, linear(0.5, 0.04, 0.9)),  # no algorithm column: fedavg
+        cell("imdb", "tiny", 4, 0, 20, linear(0.5, 0.01)),
+        algorithm(cell("imdb", "tiny", 1, 0, 20, linear(0.5, 0.03, 0.8)), "fedadam"),
+        algorithm(cell("imdb", "tiny", 4, 0, 20, linear(0.5, 0.02)), "fedadam"),
+        algorithm(cell("imdb", "tiny", 4, 0, 20, linear(0.5, 0.03)), "scaffold"),  # no K=1 of its own
+        algorithm(cell("imdb", "small", 1, 0, 20, linear(0.6, 0.03, 0.9)), "fedavg"),
+        algorithm(cell("imdb", "small", 4, 0, 20, linear(0.6, 0.02)), "scaffold"),
+    ]
+    write_tree(tmp_path / "results", cells)
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    outputs = make_report([str(tmp_path / "results")], str(tmp_path / "config.yaml"), str(tmp_path / "tables"),
+                          str(tmp_path / "figures"))
+    table = pd.read_csv(outputs["accuracy_at_budget"], dtype={"seed": str})
+    seeds = table[table["seed"] != "mean"]
+    assert list(zip(seeds["model"], seeds["algorithm"], seeds["clients"])) == [
+        ("small", "fedavg", 1), ("small", "scaffold", 4),
+        ("tiny", "fedavg", 1), ("tiny", "fedavg", 4), ("tiny", "fedadam", 1), ("tiny", "fedadam", 4),
+        ("tiny", "scaffold", 4)]  # FedAvg first, the others by name
+
+    def one(model, name, clients):
+        hit = seeds[(seeds["model"] == model) & (seeds["algorithm"] == name) & (seeds["clients"] == clients)]
+        assert len(hit) == 1
+        return hit.iloc[0]
+
+    adam = one("tiny", "fedadam", 4)  # its own K=1: 0.8 at the budget
+    assert (adam["baseline_algorithm"], adam["baseline_accuracy"]) == ("fedadam", pytest.approx(0.8))
+    assert adam["ratio"] == pytest.approx(0.7 / 0.8)
+    scaffold = one("tiny", "scaffold", 4)  # no K=1 of its own: FedAvg's, 0.9
+    assert (scaffold["baseline_algorithm"], scaffold["baseline_accuracy"]) == ("fedavg", pytest.approx(0.9))
+    assert scaffold["ratio"] == pytest.approx(0.8 / 0.9)
+    assert one("small", "scaffold", 4)["ratio"] == pytest.approx(0.8 / 0.9)
+    rounds = pd.read_csv(outputs["rounds_to_target"], dtype={"seed": str})
+    assert set(rounds["algorithm"]) == {"fedavg", "fedadam", "scaffold"}
+    target = rounds[(rounds["algorithm"] == "fedadam") & (rounds["clients"] == 4) & (rounds["seed"] == "0")].iloc[0]
+    assert target["target_accuracy"] == pytest.approx(0.72) and target["rounds"] == 11  # 0.5 + 0.02 r >= 0.72
+    for name in FIGURES:
+        image = matplotlib.image.imread(outputs[f"{name}_png"])
+        assert image.shape[1] == pytest.approx(7 * 200, abs=2) and image[..., :3].std() > 0.05
+    # two models in rows, one data set in columns: taller than the one-algorithm figure of one data set
+    assert matplotlib.image.imread(outputs["accuracy_vs_clients_png"]).shape[0] > 2.5 * 2 * 200

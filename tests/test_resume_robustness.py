@@ -332,21 +332,23 @@ def test_sigterm_mid_round_saves_the_last_round_and_resumes_bitwise(synth_tokens
     """A stop between SGD steps of round 3 leaves round 2 in the checkpoint (saved at its end with
     checkpoint_every=1, at the stop with 100: "saved round 2" either way, as tests/test_slurm.py
     expects) and the rerun ends where an uninterrupted run ends, to the bit."""
+    import fedsweep.rounds as frounds
+
     out = tmp_path / "mid"
-    original = ftrain.train_round
+    original = frounds.train_round
 
     def train_round(*a, round_, **k):
         if round_ == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # the next step boundary stops it
         return original(*a, round_=round_, **k)
 
-    monkeypatch.setattr(ftrain, "train_round", train_round)
+    monkeypatch.setattr(frounds, "train_round", train_round)
     with pytest.raises(SystemExit) as exit_:
         run(_cfg(synth_tokens, out, rounds=4, checkpoint_every=every))
     assert exit_.value.code == 143
     assert "SIGTERM: saved round 2 to" in capsys.readouterr().err
     assert torch.load(out / "checkpoint.pt", weights_only=False)["round"] == 2
-    monkeypatch.setattr(ftrain, "train_round", original)
+    monkeypatch.setattr(frounds, "train_round", original)
     resumed = run(_cfg(synth_tokens, out, rounds=4, checkpoint_every=every))
     straight = run(_cfg(synth_tokens, tmp_path / "straight", rounds=4, checkpoint_every=every))
     pd.testing.assert_frame_equal(resumed.drop(columns=TIMING), straight.drop(columns=TIMING))

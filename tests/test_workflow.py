@@ -158,9 +158,11 @@ def test_paper_grid_paths_and_overrides(tmp_path):
     assert "checkpoint.pt" not in out  # kept in the run folder, never a declared output
 
 
-def test_downloads_on_head_node_compute_jobs_offline(tmp_path):
-    """Data sets and models are fetched by local rules; every other job runs offline (HF_*_OFFLINE=1)
-    against the same absolute HF_HOME cache; a 2-GPU cell is launched with torchrun."""
+def test_downloads_on_head_node_compute_jobs_offline(tmp_path, monkeypatch):
+    """Data sets and models are fetched by local rules, online whatever the submitting shell says;
+    every other job runs offline (HF_*_OFFLINE=1) against the same absolute HF_HOME cache; a 2-GPU
+    cell is launched with torchrun."""
+    monkeypatch.delitem(ENV, "HF_HOME", raising=False)  # no HF_HOME of the caller: the project's cache
     work = copy_workflow(tmp_path / "wf")
     config = yaml.safe_load((work / "config/config.yaml").read_text())
     config["models"]["albert-base-v1"]["resources"] = {"gpus": 2}
@@ -176,11 +178,63 @@ def test_downloads_on_head_node_compute_jobs_offline(tmp_path):
         assert f"HF_HOME='{cache}'" in cmd
         assert ("HF_HUB_OFFLINE=1" in cmd) != online, cmd
         assert ("HF_DATASETS_OFFLINE=1" in cmd) != online, cmd
+        assert ("unset HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE;" in cmd) == online, cmd
     snakefile_rules = (work / "workflow/rules/data.smk").read_text()
     assert re.search(r"localrules:\s+prepare_data,\s+fetch_model,", snakefile_rules)
     train = [c for c in shells if " train " in c]
     torchrun = [c for c in train if "torch.distributed.run --standalone --nproc-per-node 2 -m fedsweep train" in c]
     assert len(torchrun) == 18 and all("--model albert-base-v1" in c for c in torchrun)
+
+
+def test_hf_home_config_then_environment_then_project_cache(tmp_path, monkeypatch):
+    """hf_home in the config wins; else the caller's $HF_HOME is used, not overridden."""
+    work = copy_workflow(tmp_path / "wf")
+    config = _quick_config()
+    write_config(work / "config/q.yaml", config)
+    mine = tmp_path / "my-hf-home"
+    monkeypatch.setitem(ENV, "HF_HOME", str(mine))
+    out = snakemake(work, "-n", "-p", "--configfile", "config/q.yaml", timeout=300).stdout
+    homes = set(re.findall(r"HF_HOME='([^']*)'", out))
+    assert homes == {str(mine)}, homes
+    config["hf_home"] = "shared/hf"
+    write_config(work / "config/q.yaml", config)
+    out = snakemake(work, "-n", "-p", "--configfile", "config/q.yaml", timeout=300).stdout
+    assert set(re.findall(r"HF_HOME='([^']*)'", out)) == {str(work / "shared" / "hf")}
+
+
+def test_max_runtime_splits_long_cells_into_chains_of_jobs(tmp_path):
+    """With a 2-day limit, the paper's Yelp cells of BERT and ALBERT (8448 min) run as 3 jobs, DistilBERT's
+    (4229) and the AG News cells of BERT and ALBERT (3106) as 2; each job trains to its round, asks for
+    its share of the time, and the next one waits for its marker. `train` stays the last job of a cell."""
+    work = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["resources"] = {"max_runtime": 2880}
+    write_config(work / "config/chains.yaml", config)
+    out = snakemake(work, "-n", "-p", "--configfile", "config/chains.yaml", timeout=300).stdout
+    counts = job_counts(out)
+    assert counts["train"] == 54
+    assert counts["train_segment"] == 6 * (2 + 2 + 1) + 6 * (1 + 1)
+    blocks = out.split("\n\n")
+
+    def block(rule: str, output: str) -> str:
+        (found,) = [b for b in blocks if f"rule {rule}:" in b and f"output: {output}" in b]
+        return found
+
+    run = "results/runs/yelp_review_full/bert-base-cased/K8_seed0"
+    first = block("train_segment", f"{run}/segments/r34.done")
+    second = block("train_segment", f"{run}/segments/r67.done")
+    last = block("train", f"{run}/metrics.parquet")
+    assert f"{run}/segments/r34.done" not in first.split("output:")[0]
+    assert f"{run}/segments/r34.done" in second.split("output:")[0]
+    assert f"{run}/segments/r67.done" in last.split("output:")[0]
+    for text, rounds, minutes in ((first, 34, 2879), (second, 67, 2795), (last, 100, 2795)):
+        assert f"--rounds {rounds} " in text and f"runtime={minutes}," in text, text
+        assert f"mv -f {run}/metrics.parquet" in text or rounds == 100
+    # one log per cell: each job's log is a hard link to the run folder's train.log
+    assert f"ln -f {run}/train.log results/logs/train/yelp_review_full/bert-base-cased/K8_seed0.r34.log" in first
+    assert "attempt 1, SLURM job ${SLURM_JOB_ID:-none}" in last
+    imdb = block("train", "results/runs/imdb/bert-base-cased/K1_seed0/metrics.parquet")
+    assert "segments" not in imdb.split("output:")[0] and "runtime=948," in imdb
 
 
 def test_dirichlet_partition_and_results_dir(tmp_path):

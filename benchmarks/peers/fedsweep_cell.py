@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from cell import PROTOCOL, Cell, Data, PeakRSS, now, report
-from fedsweep.engine import FedAvg, FlatParameters, train_round
+from fedsweep.engine import FlatParameters
+from fedsweep.rounds import train_round
+from fedsweep.strategies import FedAvg
 from fedsweep.models import build_model
 
 

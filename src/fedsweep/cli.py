@@ -91,11 +91,27 @@ def cmd_partition(a: argparse.Namespace) -> None:
           f"(dropped {info['dropped']}; max class share per client {share.max():.2f}) -> {a.out}")
 
 
+def _algorithm_spec(a: argparse.Namespace, fields: dict) -> dict:
+    """Merge ``--algorithm-spec`` (a YAML/JSON mapping of algorithm settings) into ``fields``."""
+    from .algorithm import DEFAULTS
+
+    if not a.algorithm_spec:
+        return fields
+    spec = _spec_mapping(a.algorithm_spec, "--algorithm-spec")
+    for key, value in spec.items():
+        if key not in DEFAULTS:
+            raise FedsweepError(f"--algorithm-spec: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
+        if key in fields and fields[key] != value:
+            raise FedsweepError(f"--algorithm-spec: {key}={value!r} conflicts with --{key.replace('_', '-')} "
+                                f"{fields[key]!r}")
+    return {**fields, **spec}
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .train import TrainConfig, run
 
     fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    metrics = run(TrainConfig(**fields))
+    metrics = run(TrainConfig(**_algorithm_spec(a, fields)))
     last = metrics.dropna(subset=["test_accuracy"]).iloc[-1]
     print(f"trained {a.model} K={metrics['clients'].iloc[0]}: round {int(last['round'])} test accuracy "
           f"{last['test_accuracy']:.4f} -> {a.out_dir}")
@@ -120,6 +136,35 @@ def cmd_report(a: argparse.Namespace) -> None:
 
     outputs = make_report(a.metrics, a.config, a.tables_dir, a.figures_dir)
     print(json.dumps({k: str(v) for k, v in outputs.items()}, indent=1))
+
+
+def cmd_cluster_check(a: argparse.Namespace) -> None:
+    """What the SLURM cluster offers, the profile settings to use, and the problems (exit 1)."""
+    from . import cluster
+
+    if a.calibrate:
+        print("\n".join(cluster.calibration_report(a.calibrate)))
+        return
+    workdir = Path(a.workflow_dir)
+    default_config = workdir / "config" / "config.yaml"
+    configfiles = a.configfile or ([default_config] if default_config.exists() else [])
+    profiles = a.profile if a.profile is not None else (
+        [workdir / "profiles/slurm"] if (workdir / "profiles/slurm/config.yaml").exists() else [])
+    profile = cluster.read_profiles(profiles)
+    config = cluster.load_workflow_config(configfiles, workdir) if configfiles else None
+    info = cluster.query_cluster()
+    report = cluster.check_cluster_report(
+        info, profile=profile, profile_names=[str(p) for p in profiles], config=config,
+        config_names=[str(c) for c in configfiles], base_dir=".", partition=a.partition,
+        accounts=cluster.user_accounts())
+    print("\n".join(report.lines))
+    if report.problems:
+        problems = cluster.summarize_problems(report.problems)
+        print(f"\n{len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  - {problem}")
+        raise SystemExit(1)
+    print("\nno problems: the jobs fit this cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stale-checkpoint", choices=["error", "restart"],
                    help="a checkpoint made with other settings, data or model: refuse it (error, the default) "
                         "or delete it and start over (restart, what the workflow passes)")
+    g = s.add_argument_group("algorithm (README: Algorithms; defaults: FedAvg with plain SGD clients)")
+    g.add_argument("--algorithm", help="the algorithm's name (slug), recorded in metrics and run.json")
+    g.add_argument("--algorithm-spec", help="the algorithm settings as one YAML/JSON mapping (keys as the "
+                                            "options below with _, e.g. {strategy: fedadam, server_lr: 0.01})")
+    g.add_argument("--strategy", help="server: fedavg, fedavgm, fedadam, fedyogi, fedadagrad")
+    g.add_argument("--server-lr", type=float, help="server learning rate (fedavgm: default 1; adaptive: required)")
+    g.add_argument("--server-momentum", type=float, help="fedavgm: server momentum (default 0)")
+    g.add_argument("--beta1", type=float, help="fedadam/fedyogi/fedadagrad: first-moment decay (0.9)")
+    g.add_argument("--beta2", type=float, help="fedadam/fedyogi: second-moment decay (0.99)")
+    g.add_argument("--tau", type=float, help="fedadam/fedyogi/fedadagrad: adaptivity; v starts at tau^2 (1e-3)")
+    g.add_argument("--client", help="client update: plain, fedprox, scaffold")
+    g.add_argument("--mu", type=float, help="fedprox: proximal weight")
+    g.add_argument("--client-optimizer", help="sgd or adamw (reset for every client every round)")
+    g.add_argument("--adam-beta1", type=float)
+    g.add_argument("--adam-beta2", type=float)
+    g.add_argument("--adam-eps", type=float)
+    g.add_argument("--weight-decay", type=float, help="adamw: decoupled weight decay (0)")
+    g.add_argument("--lr-schedule", help="client lr over rounds: constant or linear (decay to the last round)")
+    g.add_argument("--warmup-rounds", type=int, help="linear warmup of the client lr over this many rounds")
+    g.add_argument("--clients-per-round", type=int, help="clients sampled per round (0 = all)")
+    g.add_argument("--client-fraction", type=float, help="or this fraction of the clients per round")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("fetch", help="download a model's weights and tokenizer into the HF cache (head node)")
@@ -191,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tables-dir", required=True)
     s.add_argument("--figures-dir", required=True)
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("cluster-check", help="SLURM: what the cluster offers and the profile settings to use "
+                                             "(run on the login node before the first `snakemake --profile slurm`)")
+    s.add_argument("--configfile", nargs="+", help="the workflow config(s) whose training jobs to check "
+                                                   "(default: config/config.yaml)")
+    s.add_argument("--profile", action="append", help="Snakemake profile folder(s), later ones winning "
+                                                      "(default: profiles/slurm)")
+    s.add_argument("--partition", help="check the training jobs against this partition (default: the "
+                                       "profile's slurm_partition, else the cluster's default)")
+    s.add_argument("--workflow-dir", default=".", help="the repository (Snakefile, workflow/, config/, profiles/)")
+    s.add_argument("--calibrate", metavar="RESULTS_DIR",
+                   help="instead: the training throughput of finished cells (run.json), per model, as config")
+    s.set_defaults(func=cmd_cluster_check)
     return p
 
 

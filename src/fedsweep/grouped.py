@@ -10,8 +10,10 @@ every elementwise kernel is G times larger, and the per-step overhead is paid on
 The mathematics is the sequential loop's. Each client's loss depends only on its own
 weights, so the gradient of the summed group loss w.r.t. client g's weights is exactly client
 g's gradient; each client sees its own batches in its own order (``client_batches`` with its
-own (seed, round, client, epoch)), takes the same plain SGD steps, and is added to the average
-with its own shard size in client order. What can differ:
+own (seed, round, client, epoch)), takes the same steps (plain SGD, or the client update's
+:class:`~fedsweep.clients.LocalOptimizer` over the (G, ...) parameters: AdamW, FedProx's and
+SCAFFOLD's corrections are elementwise, so each row gets its own client's step), and is added to
+the average with its own shard size in client order. What can differ:
 
 - rounding: batched kernels may sum in another order (CPU: gradients agree to ~1e-7, see
   tests/test_grouped.py);
@@ -29,18 +31,20 @@ of the weights and their gradients, and G clients' activations.
 from __future__ import annotations
 
 import contextlib
-
 import math
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import FedsweepError
-from .engine import FlatParameters, Protocol, _batches_on_device, autocast, client_batches, derive_seed, \
+from .engine import FlatParameters, Protocol, autocast, batches_on_device, client_batches, derive_seed, \
     seed_dropout, sgd_step
 from .tokens import TokenTensors
+
+if TYPE_CHECKING:  # type names only: the client update is passed in, never imported at run time
+    from .clients import LocalOptimizer
 
 
 def _vmappable_attention(device: torch.device):
@@ -125,6 +129,13 @@ class ClientGroups:
             self._params[g] = views
         return self._params[g]
 
+    def views(self, g: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+        """A function giving, for a (>= g, P) buffer, (g, *shape) views of its first g rows per parameter."""
+        def views(buffer: torch.Tensor) -> list[torch.Tensor]:
+            return [buffer[:g, o:o + math.prod(shape)].view(g, *shape) for shape, o in zip(self.shapes, self.offsets)]
+
+        return views
+
     def _client_loss(self, params: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor | None,
                      labels: torch.Tensor) -> torch.Tensor:
         logits = torch.func.functional_call(self.model, params, (), {"input_ids": ids, "attention_mask": mask})
@@ -146,11 +157,12 @@ class ClientGroups:
 
     def train(self, weights: torch.Tensor, data: TokenTensors, lengths_cpu: np.ndarray,
               shards: Sequence[np.ndarray], clients: Sequence[int], *, epochs: int, batch_size: int, lr: float,
-              protocol: Protocol, seed: int, round_: int, bf16: bool,
+              protocol: Protocol, seed: int, round_: int, bf16: bool, optimizer: "LocalOptimizer | None" = None,
               on_batch: Callable[[int], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, int]:
         """Train the clients from ``weights``; rows 0..g-1 of ``data`` then hold their models.
 
+        ``optimizer`` takes the steps, over ``params(g)`` (default: plain SGD at ``lr``).
         Returns (each client's summed training loss, examples each client saw).
         """
         g = len(clients)
@@ -158,6 +170,7 @@ class ClientGroups:
             raise ValueError(f"a group is 2..{self.max_group} clients with equal shards, got sizes "
                              f"{[len(s) for s in shards]}")
         params = self.params(g)
+        optimizer_step = optimizer.step if optimizer is not None else (lambda: sgd_step(params, lr))
         named = dict(zip(self.names, params))
         self.data[:g].copy_(weights.expand(g, -1))
         if not self.model.training:
@@ -173,7 +186,7 @@ class ClientGroups:
                           for s, c in zip(shards, clients)]
             # Step t of the group is step t of every member: their batches, side by side.
             steps = [np.concatenate(batches) for batches in zip(*per_client)]
-            for ids, mask, labels in _batches_on_device(data, lengths_cpu, steps, protocol):
+            for ids, mask, labels in batches_on_device(data, lengths_cpu, steps, protocol):
                 b = labels.shape[0] // g
                 mask = self._expand_mask(mask, g)
                 step = step_unmasked if mask is None else step_masked
@@ -184,7 +197,7 @@ class ClientGroups:
                 for i, row in self._padding_rows:
                     if params[i].grad is not None:
                         params[i].grad[:, row] = 0
-                sgd_step(params, lr)
+                optimizer_step()
                 loss_sums += losses.detach().double() * b
                 seen += b
                 if on_batch is not None:

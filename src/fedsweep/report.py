@@ -16,6 +16,13 @@ rounds that *every* seed of the cell evaluated), compared with the K=1 seed-aver
 
 When the metrics mix protocols for one model, its rows are labelled ``"<model> [<protocol>]"``,
 so a baseline is never taken from another protocol.
+
+Algorithms: every cell has an ``algorithm`` (the column of metrics.parquet; ``fedavg`` for files
+written before fedsweep had algorithms). The analysis is per (model, algorithm, data set, K), and
+a cell's baseline is the K=1 cell of the same model and algorithm (the same client optimiser and
+server step with one client), else, where that algorithm has no K=1 cell, ``fedavg``'s
+(``baseline_algorithm`` says which). With several algorithms the figures compare them: hue =
+algorithm, one panel per (model, data set); with one, hue = model, one panel per data set.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -39,7 +47,8 @@ from . import FedsweepError
 from .io import atomic_path, write_json
 
 REQUIRED_COLUMNS = ("dataset", "model", "clients", "seed", "protocol", "round", "test_accuracy", "chance_accuracy")
-CELL_KEYS = ["dataset", "model", "protocol", "clients", "seed"]
+CELL_KEYS = ["dataset", "model", "algorithm", "protocol", "clients", "seed"]
+DEFAULT_ALGORITHM = "fedavg"  # metrics without an algorithm column: fedsweep before algorithms
 MEAN_SEED = "mean"
 DEFAULT_TARGET_FRACTION = 0.9
 # Accuracies are ratios of counts; 0.9 x baseline may land a rounding error above an equal accuracy.
@@ -67,6 +76,7 @@ class Run:
     chance_accuracy: float
     last_round: int
     curve: pd.Series  # test accuracy indexed by evaluated round, ascending
+    algorithm: str = DEFAULT_ALGORITHM
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -107,7 +117,9 @@ def load_metrics(paths: list[Path]) -> pd.DataFrame:
             raise FedsweepError(f"report: {str(path)!r} lacks column {missing[0]!r} (has {list(frame.columns)})")
         if frame.empty:
             raise FedsweepError(f"report: {str(path)!r} has no rows")
+        algorithm = frame["algorithm"].astype(str) if "algorithm" in frame.columns else DEFAULT_ALGORITHM
         frame = frame[list(REQUIRED_COLUMNS)].copy()
+        frame["algorithm"] = algorithm
         for col in ("clients", "seed", "round"):
             values = pd.to_numeric(frame[col], errors="coerce")
             if values.isna().any() or (values != values.round()).any():
@@ -131,7 +143,8 @@ def load_metrics(paths: list[Path]) -> pd.DataFrame:
         row = duplicated.iloc[0]
         sources = sorted(duplicated.loc[(duplicated[CELL_KEYS] == row[CELL_KEYS]).all(axis=1), "source"].unique())
         raise FedsweepError(
-            f"report: cell dataset={row['dataset']!r} model={row['model']!r} K={row['clients']} seed={row['seed']} "
+            f"report: cell dataset={row['dataset']!r} model={row['model']!r} algorithm={row['algorithm']!r} "
+            f"K={row['clients']} seed={row['seed']} "
             f"has round {row['round']} more than once (in {sources})"
         )
     mixed = metrics.groupby("model")["protocol"].transform("nunique") > 1
@@ -180,20 +193,21 @@ def read_report_config(path: str, datasets: list[str]) -> tuple[dict[str, Datase
 def learning_runs(metrics: pd.DataFrame) -> list[Run]:
     """Per cell: one Run per seed, then the seed-averaged Run."""
     runs: list[Run] = []
-    for (model, dataset, clients), cell in metrics.groupby(["model", "dataset", "clients"], sort=True):
+    for (model, algorithm, dataset, clients), cell in metrics.groupby(["model", "algorithm", "dataset", "clients"],
+                                                                      sort=True):
         per_seed = []
         for seed, rows in cell.groupby("seed", sort=True):
             evaluated = rows.dropna(subset=["test_accuracy"]).sort_values("round")
             per_seed.append(Run(
                 model, dataset, int(clients), int(seed), 1, float(rows["chance_accuracy"].mean()),
-                int(rows["round"].max()), evaluated.set_index("round")["test_accuracy"],
+                int(rows["round"].max()), evaluated.set_index("round")["test_accuracy"], algorithm,
             ))
         # Average only rounds every seed evaluated, so no point of the mean curve mixes seed subsets.
         by_round = pd.concat({r.seed: r.curve for r in per_seed}, axis=1).dropna().sort_index()
         runs += per_seed + [Run(
             model, dataset, int(clients), MEAN_SEED, len(per_seed),
             float(np.mean([r.chance_accuracy for r in per_seed])),
-            min(r.last_round for r in per_seed), by_round.mean(axis=1),
+            min(r.last_round for r in per_seed), by_round.mean(axis=1), algorithm,
         )]
     return runs
 
@@ -215,23 +229,31 @@ def analyse(runs: list[Run], settings: dict[str, DatasetSettings], target_fracti
     """The two tables (accuracy at the budget, rounds to target), sorted by data set (config order),
     model, K, seed (the mean row last)."""
     at_budget = {id(run): _accuracy_at(run, settings[run.dataset].budget) for run in runs}
-    baselines = {(r.model, r.dataset, r.seed): at_budget[id(r)][1] for r in runs if r.clients == 1}
+    baselines = {(r.model, r.algorithm, r.dataset, r.seed): at_budget[id(r)][1] for r in runs if r.clients == 1}
     dataset_order = {name: i for i, name in enumerate(settings)}
 
     def sort_key(run: Run):
-        return (dataset_order[run.dataset], run.model, run.clients, run.seed == MEAN_SEED,
-                run.seed if run.seed != MEAN_SEED else 0)
+        return (dataset_order[run.dataset], run.model, _algorithm_key(run.algorithm), run.clients,
+                run.seed == MEAN_SEED, run.seed if run.seed != MEAN_SEED else 0)
+
+    def baseline_of(run: Run) -> tuple[str | None, float]:
+        for algorithm in (run.algorithm, DEFAULT_ALGORITHM):
+            key = (run.model, algorithm, run.dataset, run.seed)
+            if key in baselines:
+                return algorithm, baselines[key]
+        return None, math.nan
 
     budget_rows, target_rows = [], []
     for run in sorted(runs, key=sort_key):
         limits = settings[run.dataset]
         round_used, accuracy = at_budget[id(run)]
-        baseline = baselines.get((run.model, run.dataset, run.seed), math.nan)
-        ids = {"model": run.model, "dataset": run.dataset, "clients": run.clients, "seed": run.seed}
+        baseline_algorithm, baseline = baseline_of(run)
+        ids = {"model": run.model, "algorithm": run.algorithm, "dataset": run.dataset, "clients": run.clients,
+               "seed": run.seed}
         budget_rows.append({
             **ids, "budget": limits.budget, "round_used": round_used, "accuracy": accuracy,
             "baseline_accuracy": baseline, "ratio": accuracy / baseline if baseline > 0 else math.nan,
-            "chance_accuracy": run.chance_accuracy, "seeds": run.seeds,
+            "baseline_algorithm": baseline_algorithm, "chance_accuracy": run.chance_accuracy, "seeds": run.seeds,
         })
 
         searched_until = min(limits.second_threshold, run.last_round)
@@ -284,6 +306,29 @@ def _log2_clients_axis(ax, clients: list[int]) -> None:
     ax.set_xlabel("clients K")
 
 
+def _algorithm_key(name: str) -> tuple[bool, str]:
+    """fedavg (the reference) first, then the others by name."""
+    return (name != DEFAULT_ALGORITHM, name)
+
+
+def _facets(settings: dict[str, DatasetSettings], table: pd.DataFrame, panel_height: float
+            ) -> tuple[Figure, list[tuple[Any, str, str | None]], str]:
+    """The panels of a per-K figure and the column its lines are coloured by.
+
+    One algorithm: a panel per data set, a line per model. Several: a panel per (model, data
+    set), models in rows, a line per algorithm, so each panel compares algorithms for one model.
+    Returns (figure, [(axes, dataset, model or None)], series column).
+    """
+    if table["algorithm"].nunique() <= 1:
+        fig, axes = _dataset_grid(len(settings), panel_height)
+        return fig, [(ax, dataset, None) for ax, dataset in zip(axes, settings)], "model"
+    models = sorted(table["model"].unique())
+    fig = Figure(figsize=(FIGURE_WIDTH_IN, min(panel_height * len(models), 9.0) + 0.55), layout="constrained")
+    axes = fig.subplots(len(models), len(settings), squeeze=False)
+    return fig, [(axes[i, j], dataset, model) for i, model in enumerate(models)
+                 for j, dataset in enumerate(settings)], "algorithm"
+
+
 def _model_styles(models: list[str]) -> dict[str, dict]:
     colors = sns.color_palette("colorblind", len(models))
     return {m: {"color": colors[i], "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(models)}
@@ -308,14 +353,16 @@ def _save(fig: Figure, figures_dir: str, name: str) -> dict[str, Path]:
 
 def plot_accuracy_vs_clients(accuracy: pd.DataFrame, settings: dict[str, DatasetSettings],
                              styles: dict[str, dict]) -> Figure:
-    fig, axes = _dataset_grid(len(settings), 2.5)
+    fig, panels, series = _facets(settings, accuracy, 2.5)
     means = accuracy[accuracy["seed"] == MEAN_SEED]
     seeds = accuracy[accuracy["seed"] != MEAN_SEED]
     any_partial = any_spread = False
-    for ax, (dataset, limits) in zip(axes, settings.items()):
-        panel = means[means["dataset"] == dataset]
-        for model, rows in panel.groupby("model", sort=True):
-            style = styles[model]
+    for ax, dataset, panel_model in panels:
+        limits = settings[dataset]
+        in_panel = (means["dataset"] == dataset) & ((means["model"] == panel_model) if panel_model else True)
+        panel = means[in_panel]
+        for key, rows in panel.groupby(series, sort=True):
+            style = styles[key]
             rows = rows.dropna(subset=["accuracy"]).sort_values("clients")
             ax.plot(rows["clients"], rows["accuracy"], lw=1.4, ms=5, **style)
             # A point from before the budget (partial run) is drawn hollow, never passed off as final.
@@ -323,13 +370,17 @@ def plot_accuracy_vs_clients(accuracy: pd.DataFrame, settings: dict[str, Dataset
             if len(partial):
                 any_partial = True
                 ax.plot(partial["clients"], partial["accuracy"], ls="none", ms=5, mfc="white", **style)
-            spread = seeds[(seeds["dataset"] == dataset) & (seeds["model"] == model)]
+            spread = seeds[(seeds["dataset"] == dataset) & (seeds[series] == key)
+                           & ((seeds["model"] == panel_model) if panel_model else True)]
             if rows["seeds"].max() > 1:
                 any_spread = True
                 ax.scatter(spread["clients"], spread["accuracy"], s=9, alpha=0.4, color=style["color"], lw=0)
+        if panel.empty:
+            ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.4")
+            continue
         ax.axhline(panel["chance_accuracy"].mean(), ls="--", lw=1, color="0.35")
         _log2_clients_axis(ax, sorted(panel["clients"].unique()))
-        ax.set_title(f"{dataset} (budget {limits.budget} rounds)")
+        ax.set_title(f"{dataset} (budget {limits.budget} rounds)" + (f" / {panel_model}" if panel_model else ""))
         ax.set_ylabel("test accuracy at budget" if ax.get_subplotspec().is_first_col() else "")
     handles = [Line2D([], [], lw=1.4, ms=5, label=m, **s) for m, s in styles.items()]
     handles.append(Line2D([], [], ls="--", lw=1, color="0.35", label="chance"))
@@ -344,16 +395,20 @@ def plot_accuracy_vs_clients(accuracy: pd.DataFrame, settings: dict[str, Dataset
 
 def plot_rounds_to_target(rounds: pd.DataFrame, settings: dict[str, DatasetSettings], target_fraction: float,
                           styles: dict[str, dict]) -> Figure:
-    fig, axes = _dataset_grid(len(settings), 2.5)
+    fig, panels, series = _facets(settings, rounds, 2.5)
     means = rounds[rounds["seed"] == MEAN_SEED]
-    # Failures of several models at one K would overlap at the top: shift each model a little in log2 K.
+    # Failures of several lines at one K would overlap at the top: shift each a little in log2 K.
     step = min(0.25, 0.8 / len(styles))
     dodge = {m: 2 ** (step * (i - (len(styles) - 1) / 2)) for i, m in enumerate(styles)}
     any_failure = False
-    for ax, (dataset, limits) in zip(axes, settings.items()):
-        panel = means[means["dataset"] == dataset]
-        no_baseline = sorted(panel.loc[panel["target_accuracy"].isna(), "model"].unique())
-        for model, rows in panel.dropna(subset=["target_accuracy"]).groupby("model", sort=True):
+    for ax, dataset, panel_model in panels:
+        limits = settings[dataset]
+        panel = means[(means["dataset"] == dataset) & ((means["model"] == panel_model) if panel_model else True)]
+        if panel.empty:
+            ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.4")
+            continue
+        no_baseline = sorted(panel.loc[panel["target_accuracy"].isna(), series].unique())
+        for model, rows in panel.dropna(subset=["target_accuracy"]).groupby(series, sort=True):
             style = styles[model]
             rows = rows.sort_values("clients")
             ax.plot(rows["clients"], rows["rounds"].astype("float64"), lw=1.4, ms=5, **style)
@@ -366,7 +421,7 @@ def plot_rounds_to_target(rounds: pd.DataFrame, settings: dict[str, DatasetSetti
         ax.set_ylim(0, max(limits.second_threshold, panel["searched_until"].max()) * 1.1)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         _log2_clients_axis(ax, sorted(panel["clients"].unique()))
-        ax.set_title(f"{dataset} (budget {limits.budget} rounds)")
+        ax.set_title(f"{dataset} (budget {limits.budget} rounds)" + (f" / {panel_model}" if panel_model else ""))
         ax.set_ylabel(f"rounds to {target_fraction:.0%} of K=1" if ax.get_subplotspec().is_first_col() else "")
         if no_baseline:
             ax.text(0.03, 0.03, "no K=1 baseline: " + ", ".join(no_baseline), transform=ax.transAxes,
@@ -381,8 +436,16 @@ def plot_rounds_to_target(rounds: pd.DataFrame, settings: dict[str, DatasetSetti
     return fig
 
 
+def _line_label(run: Run, several_algorithms: bool) -> str:
+    return f"{run.model} / {run.algorithm}" if several_algorithms else run.model
+
+
 def plot_accuracy_per_round(runs: list[Run], settings: dict[str, DatasetSettings], models: list[str]) -> Figure:
+    """A panel per (data set, model), or per (data set, model / algorithm) with several algorithms."""
     means = [r for r in runs if r.seed == MEAN_SEED]
+    several = len({r.algorithm for r in runs}) > 1
+    if several:
+        models = sorted({_line_label(r, True) for r in means})
     all_clients = sorted({r.clients for r in means})
     # A sequential palette without its near-white end, so K=1 stays visible on white.
     cmap = sns.color_palette("rocket_r", as_cmap=True)
@@ -393,7 +456,8 @@ def plot_accuracy_per_round(runs: list[Run], settings: dict[str, DatasetSettings
     for i, (dataset, limits) in enumerate(settings.items()):
         for j, model in enumerate(models):
             ax = axes[i, j]
-            cell_runs = sorted((r for r in means if r.dataset == dataset and r.model == model), key=lambda r: r.clients)
+            cell_runs = sorted((r for r in means if r.dataset == dataset and _line_label(r, several) == model),
+                               key=lambda r: r.clients)
             for run in cell_runs:
                 ax.plot(run.curve.index, run.curve.to_numpy(), lw=1.2, color=colors[run.clients])
             if cell_runs:
@@ -447,7 +511,8 @@ def make_report(metrics: list[str], config: str, tables_dir: str, figures_dir: s
         outputs[name] = path
 
     models = sorted(frame["model"].unique())
-    styles = _model_styles(models)
+    algorithms = sorted(frame["algorithm"].unique(), key=_algorithm_key)
+    styles = _model_styles(algorithms if len(algorithms) > 1 else models)
     with _style():
         for name, fig in (
             ("accuracy_vs_clients", plot_accuracy_vs_clients(accuracy, settings, styles)),

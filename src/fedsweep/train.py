@@ -1,14 +1,22 @@
-"""One cell of the sweep: (data set, model, K, seed) trained with FedAvg for R rounds.
+"""One cell of the sweep: (data set, model, algorithm, K, seed) trained for R rounds.
+
+This module is the orchestration: read and check the inputs, resume from the checkpoint, build
+the model, the server strategy (:mod:`fedsweep.strategies`) and the client update
+(:mod:`fedsweep.clients`) of the cell's algorithm (:mod:`fedsweep.algorithm`), run the rounds
+(:func:`fedsweep.rounds.train_round`), evaluate, checkpoint and write the outputs. Checkpoints
+are :mod:`fedsweep.checkpoint`; ranks and progress :mod:`fedsweep.runtime`.
 
 Outputs in ``out_dir``: ``metrics.parquet`` (one row per evaluated round, written at the end),
 ``run.json`` (config, versions, device, threads, labels, data provenance, wall time, throughput)
 and ``checkpoint.pt`` (after every round, atomically: the global weights, the round, the metrics
-so far, the config hash and the thread count). Re-running the same command resumes from the last
+so far, the config hash, the thread count and the algorithm's state); with SCAFFOLD also
+``scaffold/``, the clients' control variates. Re-running the same command resumes from the last
 complete round; since every random choice is a pure function of (seed, round, client, epoch),
 the resumed run gives the numbers an uninterrupted run gives (bitwise on CPU at the same number
 of threads: another count rounds sums differently, so a resume at another count warns and
-run.json records both). ``rounds`` is not part of the config hash, so a finished run can be
-extended (e.g. from the budget of 100 rounds to the second threshold, 200).
+run.json records both). ``rounds`` is not part of the config hash (unless the client lr decays
+linearly over the rounds), so a finished run can be extended (e.g. from the budget of 100
+rounds to the second threshold, 200).
 
 SIGTERM (see :mod:`fedsweep.stop`) is a request to stop at the next safe point: after the
 checkpoint is read, after the model and data are set up, after the round-0 evaluation, between
@@ -29,7 +37,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +46,31 @@ import pandas as pd
 import torch
 
 from . import FedsweepError, __version__
+from . import algorithm as algo
 from . import stop as stop_signal
-from .engine import PROTOCOLS, FedAvg, FlatParameters, eval_batches, evaluate, train_round
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAMES, StaleCheckpoint, load_checkpoint, save_checkpoint
+from .clients import CLIENT_UPDATES, ControlVariateStore, Scaffold
+from .engine import PROTOCOLS, FlatParameters, eval_batches, evaluate
 from .grouped import ClientGroups
 from .grouped import check_support as check_grouping_support
-from .io import atomic_path, remove_stale_temps, write_json, write_parquet
+from .io import remove_stale_temps, write_json, write_parquet
 from .models import build_model, model_fingerprint, num_parameters
 from .partition import read_shards
+from .rounds import Federation, clients_per_round
+from .runtime import Progress, Ranks, pick_device
+from .strategies import build_strategy
 from .tokens import load_split, read_tokens_meta
+
+__all__ = ["TrainConfig", "run", "METRIC_COLUMNS", "CHECKPOINT_FORMAT", "Ranks", "pick_device",
+           "precision_settings"]
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 METRIC_COLUMNS = [
     "round", "test_accuracy", "test_loss", "train_loss", "examples", "train_seconds",
     "aggregate_seconds", "eval_seconds", "client_update_norm", "mean_update_norm",
+    # drift (see README "Algorithms"): the pseudo-gradient, the clients' spread, their agreement
+    "pseudo_gradient_norm", "client_drift_max", "client_drift_rms", "update_cosine",
+    "control_variate_norm", "clients_sampled", "client_lr",
 ]
 # Fields that do not change the numbers: excluded from the hash that guards resuming.
 _UNHASHED = {"out_dir", "rounds", "device", "progress", "dataset", "checkpoint_every", "keep_checkpoint",
@@ -66,7 +86,7 @@ class TrainConfig:
     rounds: int
     epochs: int = 2
     batch_size: int = 32
-    lr: float = 2e-5
+    lr: float = 2e-5  # the clients' learning rate (the peak of a schedule)
     protocol: str = "standard"
     precision: str = "auto"
     eval_every: int = 1
@@ -82,6 +102,25 @@ class TrainConfig:
     # refuses it (by hand: never lose a run by accident); "restart" deletes it and starts over
     # (the workflow, which reruns a cell only because what it depends on changed).
     stale_checkpoint: str = "error"
+    # --- the federated algorithm (fedsweep.algorithm; README "Algorithms") ---------------------
+    algorithm: str = "fedavg"  # its name (slug): recorded in metrics, run.json and the checkpoint
+    strategy: str = "fedavg"  # server: fedavg | fedavgm | fedadam | fedyogi | fedadagrad
+    server_lr: float | None = None  # fedavgm (default 1), fedadam/fedyogi/fedadagrad (required)
+    server_momentum: float = 0.0  # fedavgm
+    beta1: float = 0.9  # fedadam / fedyogi / fedadagrad: first moment
+    beta2: float = 0.99  # fedadam / fedyogi: second moment
+    tau: float = 1e-3  # fedadam / fedyogi / fedadagrad: adaptivity (v starts at tau^2)
+    client: str = "plain"  # plain | fedprox | scaffold
+    mu: float = 0.0  # fedprox: proximal weight
+    client_optimizer: str = "sgd"  # sgd | adamw (state reset for every client every round)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0  # adamw: decoupled weight decay
+    lr_schedule: str = "constant"  # constant | linear (decay over the rounds)
+    warmup_rounds: int = 0  # linear warmup of the client lr over the first rounds
+    clients_per_round: int = 0  # clients sampled per round (0 = all; capped at K)
+    client_fraction: float = 1.0  # or this fraction of K (at least 1)
 
     def validate(self) -> None:
         def need(ok: bool, name: str) -> None:
@@ -101,6 +140,7 @@ class TrainConfig:
         need(self.progress in ("auto", "bar", "lines", "none"), "progress")
         need(self.stale_checkpoint in ("error", "restart"), "stale_checkpoint")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed")
+        algo.validate(self)
         if self.device != "auto":
             try:
                 dev = torch.device(self.device)
@@ -108,12 +148,6 @@ class TrainConfig:
                 raise FedsweepError(f"train: invalid device={self.device!r}") from None
             if dev.type == "cuda" and not torch.cuda.is_available():
                 raise FedsweepError(f"train: device={self.device!r} but CUDA is not available")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def precision_settings(precision: str, device: torch.device) -> bool:
@@ -147,162 +181,6 @@ class Interrupted(Exception):
     pass
 
 
-# Format 2: the weights vector has FlatParameters' aligned layout (format 1's was unpadded, so
-# its vector is shorter and would be mis-placed) and the thread count is recorded.
-CHECKPOINT_FORMAT = 2
-CHECKPOINT_NAMES = ("checkpoint.pt", "metrics.parquet", "run.json")  # what a run writes (atomically)
-
-
-class StaleCheckpoint(FedsweepError):
-    """A readable checkpoint that this run must not resume: other settings, data, model or format."""
-
-
-def _load_checkpoint(path: Path, expected_hash: str, expected: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt checkpoint cannot be trusted; say so rather than guess
-        raise FedsweepError(f"checkpoint {str(path)!r} is unreadable ({exc}); delete it to start over") from exc
-    if not isinstance(ckpt, dict) or "weights" not in ckpt:
-        raise FedsweepError(f"checkpoint {str(path)!r} is not a fedsweep checkpoint; delete it to start over")
-    if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("layout") != FlatParameters.LAYOUT:
-        raise StaleCheckpoint(
-            f"checkpoint {str(path)!r} has format {ckpt.get('format')!r} (weights layout "
-            f"{ckpt.get('layout', 'unaligned')!r}); this fedsweep reads format {CHECKPOINT_FORMAT} "
-            f"({FlatParameters.LAYOUT!r}): delete it to start over"
-        )
-    if ckpt.get("config_hash") != expected_hash:
-        old = ckpt.get("config", {})
-        diff = [k for k in sorted(set(old) | set(expected)) if old.get(k) != expected.get(k)]
-        first = diff[0] if diff else "?"
-        raise StaleCheckpoint(
-            f"checkpoint {str(path)!r} is from a different config ({first}: {old.get(first)!r} != "
-            f"{expected.get(first)!r}); refusing to resume, delete it to start over"
-        )
-    return ckpt
-
-
-def _save_checkpoint(path: Path, weights: torch.Tensor, round_: int, rows: list[dict], cfg_hash: str,
-                     hashed: dict[str, Any], thread_history: list[list[int]]) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "layout": FlatParameters.LAYOUT, "config_hash": cfg_hash,
-             "config": hashed, "round": round_, "weights": weights.detach().cpu(), "metrics": rows,
-             "fedsweep_version": __version__,
-             # CPU sums are exact to the bit only at the same thread count: the count each
-             # stretch of rounds was trained at, as [first round, threads], and the last one.
-             "threads": thread_history[-1][1] if thread_history else torch.get_num_threads(),
-             "thread_history": thread_history,
-             # Every random draw is derived from (seed, round, client, epoch): the round number
-             # and seed ARE the RNG state. The generators are stored for inspection only.
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-class _Progress:
-    def __init__(self, mode: str, rounds: int, label: str):
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode, self.rounds, self.label = mode, rounds, label
-        self.bar = None
-
-    def start_round(self, round_: int, examples: int) -> None:
-        if self.mode == "bar":
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=examples, desc=f"{self.label} round {round_}/{self.rounds}",
-                            unit="ex", leave=False, file=sys.stderr)
-
-    def step(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def end_round(self, row: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.mode == "none":
-            return
-        acc = row.get("test_accuracy")
-        acc_s = "" if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f"acc {acc:.4f} "
-        loss = row.get("train_loss", float("nan"))
-        secs = row.get("train_seconds", 0.0)
-        rate = row["examples"] / secs if secs else float("nan")
-        print(f"[{self.label}] round {row['round']}/{self.rounds} {acc_s}train_loss {loss:.4f} "
-              f"train {secs:.1f}s eval {row.get('eval_seconds', 0.0):.1f}s {rate:.0f} ex/s",
-              file=sys.stderr, flush=True)
-
-
-class Ranks:
-    """The processes sharing one cell (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK).
-
-    Clients are dealt round-robin over ranks; each rank adds its clients' weighted models into
-    its float64 accumulator and an all-reduce sums them (NCCL on GPUs, gloo on CPUs). Every
-    random draw depends on (seed, round, client, epoch), never on the rank, so a client trains
-    identically wherever it runs; only the order of the float64 additions changes, far below
-    fp32 resolution. One process (world 1) is the same code with the collectives skipped.
-    """
-
-    def __init__(self, rank: int, world: int, device: torch.device):
-        self.rank, self.world, self.device = rank, world, device
-
-    @classmethod
-    def from_env(cls, device_name: str) -> "Ranks":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls(0, 1, pick_device(device_name))
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = pick_device(device_name)
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), device)
-
-    def _reduce(self, values: list[float], op) -> list[float]:
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op)
-        return t.tolist()
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return list(values)
-        import torch.distributed as dist
-
-        return self._reduce(values, dist.ReduceOp.SUM)
-
-    def min(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        return self._reduce([value], dist.ReduceOp.MIN)[0]
-
-    def max(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        return self._reduce([value], dist.ReduceOp.MAX)[0]
-
-    def all_reduce_sum(self, t: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 def run(cfg: TrainConfig) -> pd.DataFrame:
     """Run (or resume) one cell; return its metrics. All checks happen before any compute.
 
@@ -319,11 +197,21 @@ def run(cfg: TrainConfig) -> pd.DataFrame:
             stop_signal.uninstall_stop_handler()
 
 
-def _run(cfg: TrainConfig) -> pd.DataFrame:
-    cfg.validate()
+@dataclass
+class _Inputs:
+    tmeta: dict[str, Any]
+    shards: Any  # partition.Shards
+    num_labels: int
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.shards.sizes)
+
+
+def _read_inputs(cfg: TrainConfig) -> _Inputs:
+    """The tokens' metadata and the shards, checked against each other and the batch size."""
     tmeta = read_tokens_meta(cfg.tokens_dir)
     shards = read_shards(cfg.shards)
-    protocol = PROTOCOLS[cfg.protocol]
     if shards.info.get("train_rows") not in (None, tmeta["rows"]["train"]):
         raise FedsweepError(
             f"shards {cfg.shards!r}: made for {shards.info['train_rows']} training rows, tokens have {tmeta['rows']['train']}"
@@ -336,30 +224,170 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
             f"train: clients={len(shards.sizes)} leaves a shard of {smallest} examples, no full batch of "
             f"batch_size={cfg.batch_size}"
         )
-    num_labels = int(tmeta["num_classes"])
+    return _Inputs(tmeta, shards, int(tmeta["num_classes"]))
+
+
+def _hashed_config(cfg: TrainConfig, inputs: _Inputs) -> dict[str, Any]:
+    """The settings that decide the numbers: a checkpoint resumes only under the same ones."""
+    hashed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _UNHASHED}
+    hashed.update(tokens_sha256=inputs.tmeta["sha256"], shards_sha256_info=inputs.shards.info,
+                  num_labels=inputs.num_labels,
+                  # the spec names the model; this says which weights (a local folder can be edited)
+                  model_fingerprint=model_fingerprint(cfg.model))
+    hashed["tokens_dir"] = hashed["shards"] = None  # paths may move; the contents are hashed
+    if hashed["client_group"] == 1:  # the default, absent from earlier versions: their checkpoints resume
+        del hashed["client_group"]
+    for name, default in algo.DEFAULTS.items():  # FedAvg's defaults: absent from earlier versions too
+        if hashed[name] == default:
+            del hashed[name]
+    if cfg.lr_schedule == "linear":  # the decay spans the rounds: another R is another schedule
+        hashed["schedule_rounds"] = cfg.rounds
+    return hashed
+
+
+class _Cell:
+    """The state of one training process of a cell: model, strategy, client update, data."""
+
+    def __init__(self, cfg: TrainConfig, inputs: _Inputs, ranks: Ranks, out: Path, label: str):
+        self.cfg, self.inputs, self.ranks, self.out, self.label = cfg, inputs, ranks, out, label
+        self.device = ranks.device
+        self.protocol = PROTOCOLS[cfg.protocol]
+        self.num_clients = inputs.num_clients
+        self.per_round = clients_per_round(self.num_clients, cfg.clients_per_round, cfg.client_fraction)
+
+    def build(self, ckpt: dict[str, Any] | None, ckpt_path: Path) -> None:
+        """Model, flat weights, strategy and client update, restored from ``ckpt`` if given."""
+        cfg, device, ranks = self.cfg, self.device, self.ranks
+        model = build_model(cfg.model, self.inputs.num_labels, seed=cfg.seed)
+        vocab = self.inputs.tmeta["vocab_size"]
+        if vocab > model.get_input_embeddings().num_embeddings:
+            raise FedsweepError(
+                f"model {cfg.model!r}: its {model.get_input_embeddings().num_embeddings}-token embedding is "
+                f"smaller than tokenizer {self.inputs.tmeta['tokenizer']!r} ({vocab} tokens)"
+            )
+        model.to(device)
+        flat = FlatParameters(model)
+        if ckpt is not None:
+            if ckpt["weights"].shape != (len(flat),):
+                raise FedsweepError(
+                    f"checkpoint {str(ckpt_path)!r} holds {ckpt['weights'].numel()} weights, the model's layout "
+                    f"has {len(flat)}; delete it to start over"
+                )
+            flat.data.copy_(ckpt["weights"].to(device))
+        self.model, self.flat = model, flat
+        self.strategy = build_strategy(cfg.strategy, flat.data.clone(), **algo.strategy_settings(cfg))
+        self.strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
+        settings = algo.client_settings(cfg)
+        if cfg.client == "scaffold":
+            store = ControlVariateStore(self.out / "scaffold", self.num_clients, len(flat), device,
+                                        writer=ranks.rank == 0)
+            self.client_update = Scaffold(settings, self.strategy.weights, store)
+        else:
+            self.client_update = CLIENT_UPDATES[cfg.client](settings, self.strategy.weights)
+        self.client_update.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
+        if ckpt is not None:
+            try:
+                self.strategy.load_state_dict({k: v.to(device) for k, v in ckpt.get("server_state", {}).items()})
+                self.client_update.load_state_dict(
+                    {k: v.to(device) if k != "versions" else v for k, v in ckpt.get("client_state", {}).items()})
+            except ValueError as exc:
+                raise FedsweepError(f"checkpoint {str(ckpt_path)!r}: {exc}; delete it to start over") from None
+        if isinstance(self.client_update, Scaffold):
+            # Files of a killed round, superseded ones, a stale run's: before any rank trains
+            # (the collective after the data set-up keeps the others waiting).
+            removed = self.client_update.store.reconcile()
+            if removed:
+                print(f"[{self.label}] removed {len(removed)} control-variate file(s) the checkpoint does not use",
+                      file=sys.stderr, flush=True)
+        # This rank's clients in a round: at most ceil(per_round / world).
+        most = -(-self.per_round // ranks.world)
+        group_size = min(cfg.client_group, most)  # K=1 cells hold one model whatever client_group says
+        self.groups = ClientGroups(model, flat, group_size) if group_size > 1 else None
+
+    def load_data(self) -> None:
+        cfg, tmeta = self.cfg, self.inputs.tmeta
+        width = tmeta["max_length"] if not self.protocol.dynamic_padding else None
+        train = load_split(cfg.tokens_dir, "train", width=width)
+        test = load_split(cfg.tokens_dir, "test", width=width)
+        self.train_len, self.test_len = train.lengths.numpy(), test.lengths.numpy()
+        self.train, self.test = train.to(self.device), test.to(self.device)
+        self.test_batches = eval_batches(self.test_len, cfg.eval_batch_size)
+
+    def federation(self, bf16: bool) -> None:
+        cfg = self.cfg
+        self.fed = Federation(
+            self.model, self.flat, self.strategy, self.client_update, self.train, self.train_len,
+            self.inputs.shards.indices, epochs=cfg.epochs, batch_size=cfg.batch_size, protocol=self.protocol,
+            seed=cfg.seed, lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_rounds=cfg.warmup_rounds, rounds=cfg.rounds,
+            per_round=self.per_round, bf16=bf16, groups=self.groups, rank=self.ranks.rank, world=self.ranks.world)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def evaluate_global(self, bf16: bool) -> tuple[float, float, float]:
+        self.flat.data.copy_(self.strategy.weights)
+        t0 = time.perf_counter()
+        ranks = self.ranks
+        # Ranks split the test batches; the summed counts cover the whole test set exactly once.
+        correct, loss_sum = evaluate(self.model, self.test, self.test_batches[ranks.rank::ranks.world], self.test_len,
+                                     self.protocol, bf16)
+        correct, loss_sum = ranks.sum([correct, loss_sum])
+        return correct / len(self.test), loss_sum / len(self.test), time.perf_counter() - t0
+
+    def train_one_round(self, round_: int, progress: Progress) -> dict[str, Any]:
+        """Train, all-reduce and aggregate round ``round_``; return its metrics row (not yet evaluated)."""
+        cfg, ranks, sizes, fed = self.cfg, self.ranks, self.inputs.shards.sizes, self.fed
+        mine = fed.my_clients(round_)
+        progress.start_round(round_, sum(
+            (sizes[k] - sizes[k] % cfg.batch_size if self.protocol.drop_last else sizes[k]) * cfg.epochs
+            for k in mine))
+        try:
+            # Between steps with one process only: ranks must reach each collective together.
+            stats = fed.train(round_, on_batch=progress.step,
+                              should_stop=stop_signal.stop_requested if ranks.world == 1 else None)
+        except InterruptedError:
+            raise Interrupted() from None
+        stats = stats.joined(ranks)
+        if math.isfinite(stats.first_bad_client):
+            where = (f"the last good state is round {round_ - 1} in {str(self.out / 'checkpoint.pt')!r}"
+                     if round_ > 1 else "no round had finished")
+            raise FedsweepError(
+                f"train: loss is not finite at round {round_} (client {int(stats.first_bad_client)}); stopped, {where}"
+            )
+        return {"round": round_, "test_accuracy": float("nan"), "test_loss": float("nan"), "eval_seconds": 0.0,
+                **fed.finish(stats)}
+
+    def save(self, path: Path, round_: int, rows: list[dict], cfg_hash: str, hashed: dict[str, Any],
+             thread_history: list[list[int]]) -> None:
+        if self.ranks.rank == 0:
+            save_checkpoint(path, weights=self.strategy.weights, round_=round_, rows=rows, cfg_hash=cfg_hash,
+                            hashed=hashed, thread_history=thread_history, algorithm=algo.record(self.cfg),
+                            server_state=self.strategy.state_dict(), client_state=self.client_update.state_dict())
+
+
+def _run(cfg: TrainConfig) -> pd.DataFrame:
+    cfg.validate()
+    inputs = _read_inputs(cfg)
     if cfg.client_group > 1:
         check_grouping_support()
     ranks = Ranks.from_env(cfg.device)
     device = ranks.device
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    label = f"{cfg.dataset or Path(cfg.tokens_dir).name}/{cfg.model}/K{len(shards.sizes)}"
+    dataset = cfg.dataset or Path(cfg.tokens_dir).name
+    label = (f"{dataset}/{cfg.model}/K{inputs.num_clients}" if cfg.algorithm == algo.DEFAULTS["algorithm"]
+             else f"{dataset}/{cfg.model}/{cfg.algorithm}/K{inputs.num_clients}")
     if ranks.rank == 0:  # the only writer: temporaries of a writer killed mid-write (up to a checkpoint's size)
         stale = remove_stale_temps(out, CHECKPOINT_NAMES)
         if stale:
             print(f"[{label}] removed {len(stale)} stale temporary file(s) of an interrupted write: "
                   f"{', '.join(p.name for p in stale)}", file=sys.stderr)
-    hashed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _UNHASHED}
-    hashed.update(tokens_sha256=tmeta["sha256"], shards_sha256_info=shards.info, num_labels=num_labels,
-                  # the spec names the model; this says which weights (a local folder can be edited)
-                  model_fingerprint=model_fingerprint(cfg.model))
-    hashed["tokens_dir"] = hashed["shards"] = None  # paths may move; the contents are hashed
-    if hashed["client_group"] == 1:  # the default, absent from earlier versions: their checkpoints resume
-        del hashed["client_group"]
+    hashed = _hashed_config(cfg, inputs)
     cfg_hash = config_hash(hashed)
     ckpt_path = out / "checkpoint.pt"
     try:
-        ckpt = _load_checkpoint(ckpt_path, cfg_hash, hashed)
+        ckpt = load_checkpoint(ckpt_path, cfg_hash, hashed, algo.record(cfg))
     except StaleCheckpoint as exc:
         if cfg.stale_checkpoint != "restart":
             raise
@@ -381,7 +409,8 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
                   f"the result is exact only to rounding", file=sys.stderr, flush=True)
         if not thread_history or thread_history[-1][1] != threads:
             thread_history.append([start_round, threads])
-    strategy: FedAvg | None = None
+    cell = _Cell(cfg, inputs, ranks, out, label)
+    built = False
 
     def stopping() -> bool:
         """Whether to stop here; with several ranks, all of them decide together (a collective)."""
@@ -389,109 +418,44 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
             return stop_signal.stop_requested()
         return ranks.max(float(stop_signal.stop_requested())) > 0
 
+    def save(round_: int) -> None:
+        cell.save(ckpt_path, round_, rows, cfg_hash, hashed, thread_history)
+
     try:
         if stopping():
             raise Interrupted()
-        model = build_model(cfg.model, num_labels, seed=cfg.seed)
-        if tmeta["vocab_size"] > model.get_input_embeddings().num_embeddings:
-            raise FedsweepError(
-                f"model {cfg.model!r}: its {model.get_input_embeddings().num_embeddings}-token embedding is "
-                f"smaller than tokenizer {tmeta['tokenizer']!r} ({tmeta['vocab_size']} tokens)"
-            )
-        model.to(device)
-        flat = FlatParameters(model)
-        if ckpt is not None:
-            if ckpt["weights"].shape != (len(flat),):
-                raise FedsweepError(
-                    f"checkpoint {str(ckpt_path)!r} holds {ckpt['weights'].numel()} weights, the model's layout "
-                    f"has {len(flat)}; delete it to start over"
-                )
-            flat.data.copy_(ckpt["weights"].to(device))
-        global_weights = flat.data.clone()
-        strategy = FedAvg(global_weights)
-        strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
-        mine = list(range(ranks.rank, len(shards.indices), ranks.world))  # this rank's clients
-        # No larger than this rank's clients: K=1 cells hold one model whatever client_group says.
-        group_size = min(cfg.client_group, len(mine))
-        groups = ClientGroups(model, flat, group_size) if group_size > 1 else None
+        cell.build(ckpt, ckpt_path)
+        built = True
+        if ckpt is not None and ranks.rank == 0:
+            print(f"[{label}] resuming from round {saved_round} ({ckpt_path.name})", file=sys.stderr, flush=True)
         bf16 = precision_settings(cfg.precision, device)
-
-        width = tmeta["max_length"] if not protocol.dynamic_padding else None
-        train = load_split(cfg.tokens_dir, "train", width=width)
-        test = load_split(cfg.tokens_dir, "test", width=width)
-        train_len, test_len = train.lengths.numpy(), test.lengths.numpy()
-        train, test = train.to(device), test.to(device)
-        test_batches = eval_batches(test_len, cfg.eval_batch_size)
+        cell.load_data()
+        cell.federation(bf16)
         if stopping():
             raise Interrupted()
 
-        def sync() -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        progress = _Progress(cfg.progress if ranks.rank == 0 else "none", cfg.rounds, label)
-
-        def evaluate_global() -> tuple[float, float, float]:
-            flat.data.copy_(strategy.weights)
-            t0 = time.perf_counter()
-            # Ranks split the test batches; the summed counts cover the whole test set exactly once.
-            correct, loss_sum = evaluate(model, test, test_batches[ranks.rank::ranks.world], test_len, protocol,
-                                         bf16)
-            correct, loss_sum = ranks.sum([correct, loss_sum])
-            return correct / len(test), loss_sum / len(test), time.perf_counter() - t0
-
+        progress = Progress(cfg.progress if ranks.rank == 0 else "none", cfg.rounds, label)
         if ckpt is None:
-            acc, loss, secs = evaluate_global()
-            rows.append({"round": 0, "test_accuracy": acc, "test_loss": loss, "train_loss": float("nan"),
-                         "examples": 0, "train_seconds": 0.0, "aggregate_seconds": 0.0, "eval_seconds": secs,
-                         "client_update_norm": float("nan"), "mean_update_norm": float("nan")})
+            acc, loss, secs = cell.evaluate_global(bf16)
+            rows.append({**{c: float("nan") for c in METRIC_COLUMNS}, "round": 0, "test_accuracy": acc,
+                         "test_loss": loss, "examples": 0, "train_seconds": 0.0, "aggregate_seconds": 0.0,
+                         "eval_seconds": secs, "clients_sampled": 0})
             progress.end_round(rows[-1])
             if stopping():
                 raise Interrupted()
 
         t_start = time.perf_counter()
-        total = sum(shards.sizes)
         for round_ in range(start_round, cfg.rounds + 1):
-            examples_round = sum(
-                (shards.sizes[k] - shards.sizes[k] % cfg.batch_size if protocol.drop_last else shards.sizes[k])
-                * cfg.epochs for k in mine
-            )
-            progress.start_round(round_, examples_round)
-            strategy.begin_round(total)
-            try:
-                stats = train_round(
-                    model, flat, strategy, train, train_len, shards.indices, mine, epochs=cfg.epochs,
-                    batch_size=cfg.batch_size, lr=cfg.lr, protocol=protocol, seed=cfg.seed, round_=round_,
-                    bf16=bf16, groups=groups, on_batch=progress.step,
-                    # Between steps with one process only: ranks must reach each collective together.
-                    should_stop=stop_signal.stop_requested if ranks.world == 1 else None)
-            except InterruptedError:
-                raise Interrupted() from None
-            train_secs, agg_secs = stats.train_seconds, stats.aggregate_seconds
-            loss_total, seen_total, norm_sum = ranks.sum([stats.loss_sum, stats.examples, stats.drift_sum])
-            first_bad = ranks.min(stats.first_bad_client)
-            if math.isfinite(first_bad):
-                where = (f"the last good state is round {round_ - 1} in {str(ckpt_path)!r}" if round_ > 1
-                         else "no round had finished")
-                raise FedsweepError(
-                    f"train: loss is not finite at round {round_} (client {int(first_bad)}); stopped, {where}"
-                )
-            t0 = time.perf_counter()
-            mean_norm = strategy.finish_round(scratch=flat.data)
-            sync()
-            agg_secs += time.perf_counter() - t0
-            row = {"round": round_, "test_accuracy": float("nan"), "test_loss": float("nan"),
-                   "train_loss": loss_total / seen_total, "examples": int(seen_total), "train_seconds": train_secs,
-                   "aggregate_seconds": agg_secs, "eval_seconds": 0.0,
-                   "client_update_norm": norm_sum / len(shards.indices), "mean_update_norm": mean_norm}
+            row = cell.train_one_round(round_, progress)
             if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
-                row["test_accuracy"], row["test_loss"], row["eval_seconds"] = evaluate_global()
+                row["test_accuracy"], row["test_loss"], row["eval_seconds"] = cell.evaluate_global(bf16)
             rows.append(row)
             progress.end_round(row)
-            if round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds:
-                if ranks.rank == 0:
-                    _save_checkpoint(ckpt_path, strategy.weights, round_, rows, cfg_hash, hashed, thread_history)
+            saved = round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds
+            if saved:
+                save(round_)
                 saved_round = round_
+            cell.client_update.commit(saved)
             # Ranks stop together, at a round boundary (a signal may reach them at different times).
             if stopping():
                 raise Interrupted()
@@ -501,9 +465,9 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
     except (Interrupted, FedsweepError) as exc:
         # The global weights are those of the last finished round: save them if not yet saved.
         done = int(rows[-1]["round"]) if rows else 0  # round 0 is the initial evaluation, not a trained round
-        saved_now = done > saved_round and strategy is not None
-        if saved_now and ranks.rank == 0:
-            _save_checkpoint(ckpt_path, strategy.weights, done, rows, cfg_hash, hashed, thread_history)
+        saved_now = done > saved_round and built
+        if saved_now:
+            save(done)
         if isinstance(exc, Interrupted):
             if ranks.rank == 0:
                 if saved_now or saved_round >= start_round:  # saved by this process: now or at its round's end
@@ -521,10 +485,11 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
         raise
 
     # A SIGTERM from here on lets the final writes complete; the run then ends normally.
-    metrics = pd.DataFrame(rows)[METRIC_COLUMNS]
+    metrics = pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS)  # rows of older checkpoints lack new columns
     metrics = metrics[metrics["round"] <= cfg.rounds].reset_index(drop=True)
-    ids = {"dataset": cfg.dataset or tmeta["dataset"], "model": cfg.model, "clients": len(shards.sizes),
-           "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": num_labels,
+    tmeta, shards = inputs.tmeta, inputs.shards
+    ids = {"dataset": cfg.dataset or tmeta["dataset"], "model": cfg.model, "algorithm": cfg.algorithm,
+           "clients": inputs.num_clients, "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": inputs.num_labels,
            "chance_accuracy": float(tmeta["chance_accuracy"])}
     for k, v in reversed(ids.items()):
         metrics.insert(0, k, v)
@@ -534,7 +499,7 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
         "fedsweep": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
         "python": platform.python_version(), "git_commit": _git_commit(), "host": platform.node(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "bf16_autocast": bf16, "parameters": num_parameters(model), "clients": len(shards.sizes),
+        "bf16_autocast": bf16, "parameters": num_parameters(cell.model), "clients": inputs.num_clients,
         "shard_sizes": shards.sizes, "wall_seconds_this_run": wall,
         "train_examples_per_second": float(trained["examples"].sum() / max(trained["train_seconds"].sum(), 1e-9)),
         "peak_memory_bytes": _peak_memory(device),
@@ -549,13 +514,20 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
         "data": {"dataset": tmeta.get("dataset"), "tokenizer": tmeta.get("tokenizer"),
                  "max_length": tmeta.get("max_length"), "tokens_sha256": tmeta.get("sha256"),
                  "shards": shards.info},
+        # The algorithm: its name, every setting, and how many clients each round trained.
+        "algorithm": {**algo.settings(cfg), "server_lr": algo.server_lr(cfg), "clients_each_round": cell.per_round},
     }
+    if isinstance(cell.client_update, Scaffold):
+        store = cell.client_update.store
+        summary["control_variates"] = {"folder": str(store.folder), "clients_stored": int((store.versions > 0).sum()),
+                                       "bytes": store.disk_bytes()}
     summary["world_size"] = ranks.world
     if ranks.rank == 0:
         write_parquet(out / "metrics.parquet", metrics)
         write_json(out / "run.json", summary)
         if not cfg.keep_checkpoint and ckpt_path.exists():
             ckpt_path.unlink()
+    cell.client_update.close(keep=cfg.keep_checkpoint)
     if stop_signal.stop_requested():
         if ranks.rank == 0:
             print(f"[{label}] SIGTERM during the final writes: they completed, the run is complete",

@@ -1,9 +1,11 @@
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 
 import yaml
@@ -16,7 +18,7 @@ try:
     import fedsweep
 except ImportError:
     sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from fedsweep import FedsweepError, preflight
+from fedsweep import FedsweepError, cluster, preflight
 
 # pip in envs/fedsweep.yaml installs this repository (editable) from here: Snakemake copies the
 # env file into .snakemake/conda/, so a relative path there would point to the wrong folder.
@@ -110,7 +112,8 @@ def check_config(cfg):
     if bad:
         config_error(f"{bad[0]}={bad[1]!r} must be a finite number")
     for key in ("results_dir", "hf_home"):
-        _check_folder(cfg, key)
+        if cfg.get(key) is not None:
+            _check_folder(cfg, key)
     for k in cfg["clients"]:
         if k < 1:
             config_error(
@@ -152,10 +155,20 @@ validate_config(config)
 check_config(config)
 
 RESULTS = os.path.normpath(config["results_dir"])
-# Absolute, so that jobs on compute nodes (other working directories) find the same cache.
-HF_HOME = os.path.abspath(config["hf_home"])
-# Head-node (local) rules may download into the cache; every other job must not touch the network.
-ONLINE_ENV = f"export HF_HOME='{HF_HOME}';"
+# Inside a cluster job (the Snakemake that runs one job or group on a compute node): the checks
+# of the inputs were made on the head node before any job, and are not repeated there.
+IN_JOB = workflow.remote_exec
+# The Hugging Face cache: the config's hf_home, else the caller's $HF_HOME, else the project's
+# cache/huggingface. Absolute, so that jobs on compute nodes (other working directories) find it.
+HF_HOME = os.path.abspath(
+    config.get("hf_home") or os.environ.get("HF_HOME") or "cache/huggingface"
+)
+# Head-node (local) rules download into the cache: online even when the submitting shell has
+# exported the offline variables. Every other job must not touch the network.
+ONLINE_ENV = (
+    "unset HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE;"
+    f" export HF_HOME='{HF_HOME}';"
+)
 OFFLINE_ENV = (
     f"export HF_HOME='{HF_HOME}' HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
     " TRANSFORMERS_OFFLINE=1;"
@@ -219,29 +232,9 @@ FETCH = {tokenizer_slug(model_spec(m)): model_spec(m) for m in MODELS} | TOKENIZ
 ##### the cells of the grid and their training settings #####
 
 
-def _matches(entry, dataset, model, clients, seed):
-    for key, value in (
-        ("dataset", dataset),
-        ("model", model),
-        ("clients", clients),
-        ("seed", seed),
-    ):
-        allowed = _as_list(entry.get(key))
-        if allowed is not None and value not in allowed:
-            return False
-    return True
-
-
 def cell_train(dataset, model, clients, seed):
     """train < datasets.NAME.train < models.NAME.train < matching overrides (later win)."""
-    clients, seed = int(clients), int(seed)
-    merged = dict(config["train"])
-    merged.update(config["datasets"][dataset].get("train", {}))
-    merged.update(config["models"][model].get("train", {}))
-    for entry in config["overrides"]:
-        if _matches(entry, dataset, model, clients, seed):
-            merged.update(entry["set"])
-    return merged
+    return cluster.cell_train(config, dataset, model, clients, seed)
 
 
 CELLS = [
@@ -255,10 +248,7 @@ CELLS = [
 
 def cell_resources(dataset, model):
     """resources < datasets.NAME.resources < models.NAME.resources."""
-    merged = dict(config["resources"])
-    merged.update(config["datasets"][dataset].get("resources", {}))
-    merged.update(config["models"][model].get("resources", {}))
-    return merged
+    return cluster.cell_resources(config, dataset, model)
 
 
 ##### inputs checked before any job: data files, row counts, model folders #####
@@ -277,6 +267,9 @@ def _dataset_inputs():
     from fedsweep.data import local_files, resolve_spec
 
     rows, files = {}, {}
+    # Checked on the head node; prepare_data (a local rule) never runs in a job.
+    if IN_JOB:
+        return {name: None for name in config["datasets"]}, files
     for name, ds in config["datasets"].items():
         spec = ds.get("spec", {})
         try:
@@ -296,30 +289,73 @@ def _dataset_inputs():
 DATASET_ROWS, DATA_FILES = _dataset_inputs()
 
 
+GUESSED_ROWS = (100_000, 10_000)  # a hub data set with no preset, before its download
+
+
 def dataset_rows(dataset):
-    """(train, test) rows for runtime estimates: prepared, counted, from the preset, or a guess."""
+    """(train, test) rows for the estimates: prepared, counted, from the preset, or a guess."""
     meta = f"{RESULTS}/data/{dataset}/meta.json"
     if os.path.exists(meta):
         with open(meta) as f:
             rows = json.load(f)["rows"]
         return rows["train"], rows["test"]
-    return DATASET_ROWS[dataset] or (100_000, 10_000)
+    return DATASET_ROWS[dataset] or GUESSED_ROWS
+
+
+@functools.cache
+def model_shape(spec):
+    return cluster.model_shape(spec)
+
+
+@functools.cache
+def _cell_plan(dataset, model, clients, seed):
+    """Memory, minutes and jobs (round targets) of a cell (fedsweep.cluster.plan_cell). The
+    number of jobs comes from rows known before any download (exact for presets, local and
+    synthetic data), so it does not change once a data set is prepared. Inside a job nothing
+    depends on it (its inputs and round are settled): no chain is planned there."""
+    try:
+        return cluster.plan_cell(
+            config,
+            dataset,
+            model,
+            int(clients),
+            int(seed),
+            rows=dataset_rows(dataset),
+            split_rows=DATASET_ROWS[dataset] or GUESSED_ROWS,
+            threads=config["threads"]["train"],
+            shape=model_shape(model_spec(model)),
+            split=not IN_JOB,
+        )
+    except FedsweepError as exc:
+        config_error(f"resources.max_runtime: {exc}")
+
+
+def cell_plan(wildcards):
+    return _cell_plan(
+        wildcards.dataset, wildcards.model, int(wildcards.clients), int(wildcards.seed)
+    )
 
 
 def train_runtime(wildcards, attempt):
-    """Minutes for a training job: given, or estimated from the cell's work and doubled per retry."""
-    res = cell_resources(wildcards.dataset, wildcards.model)
-    if res["runtime"] != "auto":
-        return res["runtime"] * attempt
-    train = cell_train(
-        wildcards.dataset, wildcards.model, wildcards.clients, wildcards.seed
-    )
-    rows_train, rows_test = dataset_rows(wildcards.dataset)
-    rounds = config["datasets"][wildcards.dataset]["second_threshold"]
-    examples = rounds * (rows_train * train["epochs"] + rows_test / train["eval_every"])
-    gpus = max(res["gpus"], 1)
-    minutes = 10 + 1.5 * examples / (res["throughput"] * gpus) / 60
-    return int(minutes * attempt) + 1
+    """Minutes of a cell's last (or only) job: given or estimated, doubled per retry (a retry
+    resumes from the checkpoint), at most resources.max_runtime."""
+    plan = cell_plan(wildcards)
+    return plan.minutes(plan.rounds, attempt)
+
+
+def segment_runtime(wildcards, attempt):
+    """Minutes of the job of a chain that trains up to round wildcards.rounds."""
+    return cell_plan(wildcards).minutes(int(wildcards.rounds), attempt)
+
+
+def train_mem_mb(wildcards):
+    return cell_plan(wildcards).mem_mb
+
+
+def tokenize_runtime(wildcards):
+    """Minutes (SLURM -t) of a tokenisation: generous for ~1000 texts/s. Summed with the others
+    when the profile groups the cheap jobs into one SLURM job."""
+    return 5 + math.ceil(sum(dataset_rows(wildcards.dataset)) / 60000)
 
 
 def train_launcher(wildcards):
@@ -351,6 +387,9 @@ def _model_inputs():
     """The files of local model folders (declared inputs of fetch_model, so an edited model
     reruns its cells), and each model's longest max_length against its positions."""
     files = {}
+    # Checked on the head node; fetch_model (a local rule) never runs in a job.
+    if IN_JOB:
+        return files
     for model in MODELS:
         for key, spec in (
             ("spec", model_spec(model)),
@@ -390,7 +429,11 @@ def max_length_of_spec(spec):
 
 
 PARTITION = config["partition"]
-_check_cells()
+if not IN_JOB:
+    _check_cells()
+    # Every cell's plan (and the max_runtime check), before any job.
+    for _cell in CELLS:
+        _cell_plan(**_cell)
 
 
 ##### paths #####
@@ -411,6 +454,7 @@ wildcard_constraints:
     clients=r"[1-9][0-9]*",
     seed=r"[0-9]+",
     max_length=r"[1-9][0-9]*",
+    rounds=r"[1-9][0-9]*",
 
 
 def tokens_dir(dataset, model, clients, seed):
@@ -429,13 +473,70 @@ def run_dir(dataset, model, clients, seed):
 ##### input functions #####
 
 
-def train_inputs(wildcards):
+def cell_run_dir(wildcards):
+    return run_dir(
+        wildcards.dataset, wildcards.model, wildcards.clients, wildcards.seed
+    )
+
+
+def _job_inputs(wildcards, target):
+    """Tokens, shards and model of a cell's job; for the second and later jobs of a chain, the
+    marker of the job before (in a job's own Snakemake the order is already settled: no plan).
+    """
     cell = (wildcards.dataset, wildcards.model, wildcards.clients, wildcards.seed)
-    return {
+    inputs = {
         "tokens": f"{tokens_dir(*cell)}/meta.json",
         "shards": shards_file(wildcards.dataset, wildcards.clients, wildcards.seed),
         "model": f"{RESULTS}/models/{tokenizer_slug(model_spec(wildcards.model))}.json",
     }
+    if not IN_JOB:
+        earlier = [t for t in cell_plan(wildcards).targets if t < target]
+        if earlier:
+            inputs["segment"] = (
+                f"{cell_run_dir(wildcards)}/segments/r{earlier[-1]}.done"
+            )
+    return inputs
+
+
+def train_inputs(wildcards):
+    """Inputs of a cell's last (or only) job."""
+    return _job_inputs(
+        wildcards, config["datasets"][wildcards.dataset]["second_threshold"]
+    )
+
+
+def segment_inputs(wildcards):
+    """Inputs of the job of a chain that trains up to round wildcards.rounds."""
+    return _job_inputs(wildcards, int(wildcards.rounds))
+
+
+def train_shell(rounds, then=""):
+    """The shell command of a training job (train or train_segment). Every job of a cell (each
+    attempt, requeue and chain link) appends to one log, train.log in the run folder, which
+    {log} is a hard link to: Snakemake deletes {log} before each job, the history stays. A
+    header line per job says which attempt and SLURM job it is; `fedsweep train` itself says
+    from which round it resumes. `then` runs after a successful training."""
+    history = "{params.out_dir}/train.log"
+    header = (
+        "==== $(date '+%F %T') fedsweep train to round ROUNDS: attempt {resources.attempt},"
+        " SLURM job ${{SLURM_JOB_ID:-none}}"
+        "${{SLURM_RESTART_COUNT:+ (requeued ${{SLURM_RESTART_COUNT}}x)}} on $(hostname) ===="
+    ).replace("ROUNDS", rounds)
+    train = (
+        " OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+        " {params.launcher} train --tokens-dir {params.tokens_dir} --shards {input.shards}"
+        " --model {params.spec:q} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+        " --rounds ROUNDS {params.args} --progress lines --stale-checkpoint restart"
+        " --out-dir {params.out_dir} >> {log} 2>&1"
+    ).replace("ROUNDS", rounds)
+    parts = [
+        f"touch {history}; ln -f {history} {{log}} 2>/dev/null || cp {history} {{log}};",
+        f' echo "{header}" >> {{log}}; ',
+        OFFLINE_ENV,
+        train,
+        then,
+    ]
+    return show_cause("".join(parts))
 
 
 def train_args(wildcards):
@@ -536,3 +637,86 @@ def report_outputs():
     # the data folder.
     datasets = {"datasets": f"{RESULTS}/tables/datasets.json"}
     return {**tables, **figures, **datasets}
+
+
+##### before any job of a SLURM run: does the cluster take the jobs? #####
+
+
+class ClusterError(WorkflowError):
+    """The slurm executor would hang, or SLURM would refuse or never start a job: one line."""
+
+
+def _origin(rule_name, resource):
+    """Where a job's resource value comes from, for the message."""
+    if resource in workflow.resource_settings.overwrite_resources.get(rule_name, {}):
+        return f"set-resources {rule_name}:{resource}"
+    if rule_name in ("train", "train_segment"):
+        return f"resources.{resource} of the config"
+    return f"{resource} of default-resources"
+
+
+def check_cluster():
+    """Called by onstart (the DAG is built, nothing submitted yet; not in dry runs or jobs).
+    With the slurm executor: stop with one line when sacct fails and the profile does not say
+    `slurm-status-command: squeue` (the executor would poll sacct forever), or when a job asks
+    for more memory, time or GPUs than the nodes of its partition have (sbatch would refuse it,
+    or it would pend forever). FEDSWEEP_SKIP_CLUSTER_CHECK=1 skips this."""
+    plugin = getattr(workflow, "executor_plugin", None)
+    if getattr(plugin, "name", None) != "slurm" or os.environ.get(
+        "FEDSWEEP_SKIP_CLUSTER_CHECK"
+    ):
+        return
+    settings = workflow.executor_settings
+    try:
+        info = cluster.query_cluster()
+    except (FedsweepError, OSError, subprocess.SubprocessError) as exc:
+        print(f"slurm: warning: cannot check the cluster ({exc})", file=sys.stderr)
+        return
+    problem = cluster.accounting_problem(
+        info,
+        getattr(settings, "status_command", None),
+        getattr(settings, "init_seconds_before_status_checks", None),
+    )
+    if problem:
+        raise ClusterError(f"slurm: {problem}")
+    problems = []
+    seen_groups = set()
+    for job in workflow.dag.needrun_jobs():
+        if job.is_local:
+            continue
+        group = workflow.dag.get_job_group(job)
+        if group is not None:  # one SLURM job for the group: its summed minutes
+            if id(group) in seen_groups:
+                continue
+            seen_groups.add(id(group))
+            rules = sorted({j.rule.name for j in group.jobs})
+            name = (
+                f"group job {group.groupid} ({len(group.jobs)} {'/'.join(rules)} jobs)"
+            )
+            resources = group.resources
+        else:
+            wc = job.wildcards_dict
+            if job.rule.name in ("train", "train_segment"):
+                name = f"training job {wc['dataset']}/{wc['model']}/K{wc['clients']}_seed{wc['seed']}"
+                if "rounds" in wc:
+                    name += f" (to round {wc['rounds']})"
+            else:
+                name = f"job {job.rule.name} {'/'.join(map(str, wc.values()))}".strip()
+            resources = job.resources
+        values = {}
+        for key in ("mem_mb", "runtime", "gpu"):
+            value = resources.get(key)
+            values[key] = value if isinstance(value, int) else None
+        partition = job.resources.get("slurm_partition")
+        request = cluster.JobRequest(
+            name=name,
+            mem_mb=values["mem_mb"],
+            runtime=values["runtime"],
+            gpus=values["gpu"] or 0,
+            partition=str(partition) if partition else None,
+            mem_origin=_origin(job.rule.name, "mem_mb"),
+        )
+        problems += cluster.request_problems(request, info)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ClusterError(f"slurm: {problems[0]}{more}")

@@ -67,6 +67,10 @@ rule tokenize:
     conda:
         ENV
     threads: config["threads"]["tokenize"]
+    resources:
+        runtime=tokenize_runtime,
+        # grouped SLURM jobs (profiles/slurm: resources serial=1) run one after another
+        serial=1,
     params:
         tokenizer=lambda wildcards: TOKENIZERS[wildcards.tokenizer],
         data_dir=lambda wildcards, input: os.path.dirname(input.meta),

@@ -8,6 +8,10 @@ rule partition:
         f"{RESULTS}/logs/partition/{{dataset}}/{{scheme}}_K{{clients}}_seed{{seed}}.log",
     conda:
         ENV
+    resources:
+        runtime=10,  # minutes (SLURM -t); summed when jobs are grouped
+        # grouped SLURM jobs (profiles/slurm: resources serial=1) run one after another
+        serial=1,
     params:
         data_dir=lambda wildcards, input: os.path.dirname(input.meta),
         scheme=PARTITION["scheme"],

@@ -1,0 +1,87 @@
+"""A cell's checkpoint: what it holds, how it is written (atomically) and when it is refused.
+
+``checkpoint.pt`` holds the global weights (FlatParameters' aligned layout), the round, the metrics
+so far, the config hash and config, the thread counts, the algorithm (its slug and non-default
+settings), the server strategy's state (momentum, moments) and the client update's state
+(SCAFFOLD: the server control variate and which file holds each client's). Every random draw is
+a pure function of (seed, round, client, epoch), so the round number and seed ARE the RNG state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import FedsweepError, __version__
+from .algorithm import FEDAVG_RECORD, describe
+from .engine import FlatParameters
+from .io import atomic_path
+
+# Format 2: the weights vector has FlatParameters' aligned layout (format 1's was unpadded, so
+# its vector is shorter and would be mis-placed) and the thread count is recorded. The
+# algorithm's keys (algorithm, server_state, client_state) were added within format 2: a
+# checkpoint without them is FedAvg's, with no state, which is what it was.
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_NAMES = ("checkpoint.pt", "metrics.parquet", "run.json")  # what a run writes (atomically)
+
+
+class StaleCheckpoint(FedsweepError):
+    """A readable checkpoint that this run must not resume: other settings, data, model, algorithm or format."""
+
+
+def load_checkpoint(path: Path, expected_hash: str, expected: dict[str, Any],
+                    algorithm: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (None if there is none), after checking that this run may resume it."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a corrupt checkpoint cannot be trusted; say so rather than guess
+        raise FedsweepError(f"checkpoint {str(path)!r} is unreadable ({exc}); delete it to start over") from exc
+    if not isinstance(ckpt, dict) or "weights" not in ckpt:
+        raise FedsweepError(f"checkpoint {str(path)!r} is not a fedsweep checkpoint; delete it to start over")
+    if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("layout") != FlatParameters.LAYOUT:
+        raise StaleCheckpoint(
+            f"checkpoint {str(path)!r} has format {ckpt.get('format')!r} (weights layout "
+            f"{ckpt.get('layout', 'unaligned')!r}); this fedsweep reads format {CHECKPOINT_FORMAT} "
+            f"({FlatParameters.LAYOUT!r}): delete it to start over"
+        )
+    old_algorithm = ckpt.get("algorithm", FEDAVG_RECORD)
+    if old_algorithm != algorithm:
+        raise StaleCheckpoint(
+            f"checkpoint {str(path)!r} is from algorithm {describe(old_algorithm)}, this run is "
+            f"{describe(algorithm)}; refusing to resume, delete it to start over"
+        )
+    if ckpt.get("config_hash") != expected_hash:
+        old = ckpt.get("config", {})
+        diff = [k for k in sorted(set(old) | set(expected)) if old.get(k) != expected.get(k)]
+        first = diff[0] if diff else "?"
+        raise StaleCheckpoint(
+            f"checkpoint {str(path)!r} is from a different config ({first}: {old.get(first)!r} != "
+            f"{expected.get(first)!r}); refusing to resume, delete it to start over"
+        )
+    return ckpt
+
+
+def save_checkpoint(path: Path, *, weights: torch.Tensor, round_: int, rows: list[dict], cfg_hash: str,
+                    hashed: dict[str, Any], thread_history: list[list[int]], algorithm: dict[str, Any],
+                    server_state: dict[str, torch.Tensor], client_state: dict[str, torch.Tensor]) -> None:
+    def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    state = {"format": CHECKPOINT_FORMAT, "layout": FlatParameters.LAYOUT, "config_hash": cfg_hash,
+             "config": hashed, "round": round_, "weights": weights.detach().cpu(), "metrics": rows,
+             "fedsweep_version": __version__,
+             # CPU sums are exact to the bit only at the same thread count: the count each
+             # stretch of rounds was trained at, as [first round, threads], and the last one.
+             "threads": thread_history[-1][1] if thread_history else torch.get_num_threads(),
+             "thread_history": thread_history,
+             "algorithm": algorithm, "server_state": cpu(server_state), "client_state": cpu(client_state),
+             # Every random draw is derived from (seed, round, client, epoch): the round number
+             # and seed ARE the RNG state. The generators are stored for inspection only.
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

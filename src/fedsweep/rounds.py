@@ -1,0 +1,204 @@
+"""Rounds of federated training in one process: which clients, their training, the server step.
+
+- :func:`sample_clients`: the round's clients, drawn uniformly without replacement from a
+  generator seeded by (seed, round) only, so a resumed run or another rank draws the same ones.
+- :func:`train_round`: trains this process's share of them from the global weights, each with
+  the client update's optimiser, and adds each to the strategy's float64 sum (clients one after
+  another on one model, or several at once with :class:`~fedsweep.grouped.ClientGroups`).
+- :class:`Federation`: a model with its strategy and client update, run round by round:
+  :meth:`~Federation.train` (sampling, the client lr, ``begin_round`` of both, ``train_round``) and
+  :meth:`~Federation.finish` (the client update's and the strategy's server step, the round's
+  metrics). :mod:`fedsweep.train` wraps it with inputs, checkpoints and ranks; tests and
+  benchmarks drive it directly.
+
+With several processes each trains its own clients (dealt round-robin over the sampled ones);
+the strategy's and the client update's all-reduce hooks join their sums, and
+:meth:`RoundStats.joined` joins the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .clients import ClientSettings, ClientUpdate, client_lr, train_client
+from .engine import FlatParameters, Protocol, derive_seed
+from .strategies import Strategy
+from .tokens import TokenTensors
+
+if TYPE_CHECKING:
+    from .grouped import ClientGroups
+
+
+def clients_per_round(num_clients: int, clients_per_round: int = 0, client_fraction: float = 1.0) -> int:
+    """How many clients a round trains: ``clients_per_round`` (capped at K; 0 = all) or
+    ``floor(client_fraction x K)``, at least 1."""
+    if clients_per_round:
+        return min(clients_per_round, num_clients)
+    return max(1, min(num_clients, math.floor(client_fraction * num_clients + 1e-9)))
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_: int) -> list[int]:
+    """``per_round`` distinct clients of ``num_clients``, uniformly, from (seed, round) alone; ascending."""
+    rng = np.random.default_rng(derive_seed(seed, "sample", round_))
+    return sorted(int(k) for k in rng.choice(num_clients, size=per_round, replace=False))
+
+
+@dataclass
+class RoundStats:
+    """What one process's clients did in a round (sums and maxima, so ranks can join theirs)."""
+
+    loss_sum: float = 0.0  # training loss summed over every example of every epoch
+    examples: int = 0
+    clients: int = 0
+    drift_sum: float = 0.0  # sum over clients of ||x_k - x_global||
+    drift_max: float = 0.0  # max over clients of ||x_k - x_global||
+    drift_weighted: float = 0.0  # sum over clients of (n_k / N) ||x_k - x_global||
+    drift_weighted_sq: float = 0.0  # sum over clients of (n_k / N) ||x_k - x_global||^2
+    train_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    first_bad_client: float = math.inf  # the lowest client whose loss was not finite
+    sampled: int = 0  # clients of the round, all ranks
+    lr: float = math.nan  # the clients' lr this round
+
+    def joined(self, ranks) -> "RoundStats":
+        """The sums and maxima over every rank (``ranks``: :class:`fedsweep.runtime.Ranks`); timings stay local."""
+        loss_sum, examples, drift_sum, weighted, weighted_sq, clients = ranks.sum(
+            [self.loss_sum, self.examples, self.drift_sum, self.drift_weighted, self.drift_weighted_sq, self.clients])
+        return RoundStats(loss_sum, int(examples), int(clients), drift_sum, ranks.max(self.drift_max), weighted,
+                          weighted_sq, self.train_seconds, self.aggregate_seconds, ranks.min(self.first_bad_client),
+                          self.sampled, self.lr)
+
+
+def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy, data: TokenTensors,
+                lengths_cpu: np.ndarray, shards: Sequence[np.ndarray], clients: Sequence[int], *,
+                epochs: int, batch_size: int, lr: float, protocol: Protocol, seed: int, round_: int,
+                bf16: bool, groups: "ClientGroups | None" = None, client_update: ClientUpdate | None = None,
+                on_batch: Callable[[int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> RoundStats:
+    """Train ``clients`` (indices into ``shards``) from the global weights and add them to ``strategy``.
+
+    ``client_update`` (default: plain SGD at ``lr``, begun for this round here) makes each client's
+    optimiser; the caller has called its ``begin_round`` with this round's lr. ``groups`` trains
+    clients with equal shard sizes several at a time (see :mod:`fedsweep.grouped`); without it,
+    one after another on the one model.
+    """
+    device = flat.data.device
+    stats = RoundStats()
+    if client_update is None:
+        client_update = ClientUpdate(ClientSettings(), strategy.weights)
+        client_update.begin_round(round_, lr, clients, [len(s) for s in shards])
+
+    def sync() -> None:  # honest timings on a GPU (kernels run asynchronously)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    plan = groups.plan(clients, [len(shards[c]) for c in clients]) if groups is not None else [[c] for c in clients]
+    flat.data.copy_(strategy.weights)  # from here on, each strategy.add reloads them
+    for members in plan:
+        sync()
+        t0 = time.perf_counter()
+        if len(members) == 1:
+            client = members[0]
+            local = client_update.optimizer(flat.params, flat.data, flat.views, members)
+            loss_sum, seen = train_client(
+                model, flat, data, lengths_cpu, shards[client], epochs=epochs, batch_size=batch_size,
+                lr=client_update.lr, protocol=protocol, seed=seed, round_=round_, client=client, bf16=bf16,
+                optimizer=local, on_batch=on_batch, should_stop=should_stop)
+            losses, trained = [float(loss_sum)], [(client, flat.data, seen)]  # one host sync per client
+        else:
+            g = len(members)
+            local = client_update.optimizer(groups.params(g), groups.data[:g], groups.views(g), members)
+            loss_sums, seen = groups.train(
+                strategy.weights, data, lengths_cpu, [shards[c] for c in members], members, epochs=epochs,
+                batch_size=batch_size, lr=client_update.lr, protocol=protocol, seed=seed, round_=round_, bf16=bf16,
+                optimizer=local, on_batch=on_batch, should_stop=should_stop)
+            losses = loss_sums.tolist()
+            trained = [(c, groups.data[i], seen) for i, c in enumerate(members)]
+        t1 = time.perf_counter()
+        for row, (loss, (client, weights, seen)) in enumerate(zip(losses, trained)):
+            if not math.isfinite(loss):
+                stats.first_bad_client = min(stats.first_bad_client, client)
+            client_update.after_client(local, row, client, weights, len(shards[client]))
+            drift = strategy.add(weights, len(shards[client]))
+            share = len(shards[client]) / strategy.total
+            stats.drift_sum += drift
+            stats.drift_max = max(stats.drift_max, drift)
+            stats.drift_weighted += share * drift
+            stats.drift_weighted_sq += share * drift * drift
+            stats.clients += 1
+            stats.loss_sum += loss
+            stats.examples += seen
+        sync()
+        stats.train_seconds += t1 - t0
+        stats.aggregate_seconds += time.perf_counter() - t1
+    return stats
+
+
+class Federation:
+    """One process's share of a federated run: the model (in ``flat``), the strategy holding the
+    global weights, the client update, the training data and its shards; round by round."""
+
+    def __init__(self, model: torch.nn.Module, flat: FlatParameters, strategy: Strategy, client_update: ClientUpdate,
+                 data: TokenTensors, lengths_cpu: np.ndarray, shards: Sequence[np.ndarray], *, epochs: int,
+                 batch_size: int, protocol: Protocol, seed: int, lr: float, lr_schedule: str = "constant",
+                 warmup_rounds: int = 0, rounds: int = 1, per_round: int | None = None, bf16: bool = False,
+                 groups: "ClientGroups | None" = None, rank: int = 0, world: int = 1):
+        self.model, self.flat, self.strategy, self.client_update = model, flat, strategy, client_update
+        self.data, self.lengths_cpu, self.shards = data, lengths_cpu, shards
+        self.sizes = [len(s) for s in shards]
+        self.epochs, self.batch_size, self.protocol, self.seed, self.bf16 = epochs, batch_size, protocol, seed, bf16
+        self.lr, self.lr_schedule, self.warmup_rounds, self.rounds = lr, lr_schedule, warmup_rounds, rounds
+        self.per_round = per_round or len(shards)
+        self.groups, self.rank, self.world = groups, rank, world
+
+    def round_clients(self, round_: int) -> list[int]:
+        """Every client of round ``round_`` (all ranks)."""
+        return sample_clients(len(self.shards), self.per_round, self.seed, round_)
+
+    def my_clients(self, round_: int) -> list[int]:
+        return self.round_clients(round_)[self.rank::self.world]
+
+    def client_lr(self, round_: int) -> float:
+        return client_lr(self.lr, self.lr_schedule, self.warmup_rounds, self.rounds, round_)
+
+    def train(self, round_: int, on_batch: Callable[[int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> RoundStats:
+        """Train this process's clients of round ``round_`` and add them to the strategy's sum."""
+        chosen = self.round_clients(round_)
+        lr = self.client_lr(round_)
+        self.strategy.begin_round(sum(self.sizes[k] for k in chosen))
+        self.client_update.begin_round(round_, lr, chosen, self.sizes)
+        stats = train_round(self.model, self.flat, self.strategy, self.data, self.lengths_cpu, self.shards,
+                            chosen[self.rank::self.world], epochs=self.epochs, batch_size=self.batch_size, lr=lr,
+                            protocol=self.protocol, seed=self.seed, round_=round_, bf16=self.bf16, groups=self.groups,
+                            client_update=self.client_update, on_batch=on_batch, should_stop=should_stop)
+        stats.sampled, stats.lr = len(chosen), lr
+        return stats
+
+    def finish(self, stats: RoundStats) -> dict[str, float]:
+        """The server step after :meth:`train` (``stats`` joined over the ranks); the round's metrics."""
+        device = self.flat.data.device
+        t0 = time.perf_counter()
+        extra = self.client_update.finish_round()
+        server = self.strategy.finish_round(scratch=self.flat.data)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        pseudo = server.pseudo_gradient_norm
+        return {
+            "train_loss": stats.loss_sum / stats.examples, "examples": int(stats.examples),
+            "train_seconds": stats.train_seconds,
+            "aggregate_seconds": stats.aggregate_seconds + time.perf_counter() - t0,
+            "client_update_norm": stats.drift_sum / stats.clients, "mean_update_norm": server.update_norm,
+            "pseudo_gradient_norm": pseudo, "client_drift_max": stats.drift_max,
+            # sum_k w_k ||u_k - u||^2 = sum_k w_k ||u_k||^2 - ||u||^2, u = the weighted mean of the u_k
+            "client_drift_rms": math.sqrt(max(stats.drift_weighted_sq - pseudo * pseudo, 0.0)),
+            "update_cosine": pseudo / stats.drift_weighted if stats.drift_weighted > 0 else float("nan"),
+            "control_variate_norm": extra.get("control_variate_norm", float("nan")),
+            "clients_sampled": stats.sampled, "client_lr": stats.lr,
+        }
