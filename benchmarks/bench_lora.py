@@ -17,14 +17,26 @@ Decoder models (Qwen2.5-0.5B- and Llama-3-8B-shaped, random init from their conf
 "upload MiB" is what one client sends per round (trainable parameters x 4 bytes, fp32); the
 server sends the same amount back. An out-of-memory case prints OOM and the stage it failed at.
 
+A second table (``--rounds-model``, default ``tiny-llama`` with ``--tiny``) runs fedsweep's own
+rounds (:class:`fedsweep.rounds.Federation`, plain SGD clients, FedAvg) of one model with full
+fine-tuning and with LoRA (``fedsweep.lora``: fedit, ffa, exact), each method in a fresh process
+so that its peak memory is its own: peak memory (GPU: max_memory_allocated; CPU: the process's
+peak RSS, interpreter and libraries included, and that minus the RSS before the model was
+built), seconds per round (after a warm-up round) and the bytes every client of a round uploads
+and downloads together (``exact`` also sends the base-weight residual of its target modules).
+
     python benchmarks/bench_lora.py                      # on a GPU: qwen0.5b and llama8b
-    python benchmarks/bench_lora.py --tiny --device cpu  # 2-layer tiny configs, does it run?
+    python benchmarks/bench_lora.py --tiny --device cpu  # 2-layer tiny configs; rounds of tiny-llama
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -128,6 +140,86 @@ def run_case(model_name: str, method: str, a, device: torch.device, stage: dict)
     return row
 
 
+ROUND_METHODS = {  # method -> the peft spec of fedsweep train --peft
+    "full": None,
+    "lora-fedit": {"method": "lora", "aggregation": "fedit"},
+    "lora-ffa": {"method": "lora", "aggregation": "ffa"},
+    "lora-exact": {"method": "lora", "aggregation": "exact"},
+}
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def round_case(a, method: str) -> dict:
+    """fedsweep's rounds of ``a.rounds_model`` with ``method``: one warm-up round, then timed ones."""
+    import numpy as np
+
+    from fedsweep import lora
+    from fedsweep.clients import ClientSettings, ClientUpdate
+    from fedsweep.engine import PROTOCOLS, FlatParameters
+    from fedsweep.models import build_model, total_parameters
+    from fedsweep.rounds import Federation
+    from fedsweep.strategies import FedAvg
+    from fedsweep.tokens import TokenTensors
+
+    device = torch.device(a.device)
+    start_rss = rss_bytes()
+    spec = lora.parse({**ROUND_METHODS[method], "r": a.rank, "alpha": 2 * a.rank}
+                      if ROUND_METHODS[method] else None)
+    model = build_model(a.rounds_model, 4, seed=0, pad_token_id=0, dtype=lora.base_dtype(spec))
+    model = lora.apply(model, spec).to(device)
+    flat = FlatParameters(model)
+    strategy = FedAvg(flat.data.clone())
+    if spec.aggregation == "exact" and spec.enabled:
+        strategy = lora.ExactAggregation(strategy, model, flat)
+    rows = a.clients * a.client_rows
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.full((rows,), a.length, dtype=torch.int64)
+    data = TokenTensors(torch.randint(1000, 30000, (rows, a.length), generator=g), lengths,
+                        torch.randint(0, 4, (rows,), generator=g), 0).to(device)
+    shards = [np.arange(k * a.client_rows, (k + 1) * a.client_rows) for k in range(a.clients)]
+    fed = Federation(model, flat, strategy, ClientUpdate(ClientSettings(), strategy.weights), data,
+                     lengths.numpy(), shards, epochs=1, batch_size=a.batch_size, protocol=PROTOCOLS["standard"],
+                     seed=0, lr=1e-3, bf16=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fed.finish(fed.train(1))  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for r in range(2, 2 + a.round_count):
+        fed.finish(fed.train(r))
+    sync(device)
+    seconds = (time.perf_counter() - t0) / a.round_count
+    up, down = lora.communication_bytes(flat, strategy)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    return {"method": method, "trainable": flat.num_parameters, "total": total_parameters(model),
+            "peak": peak, "peak_over_start": peak - (0 if device.type == "cuda" else start_rss),
+            "seconds": seconds, "upload": sum(up.values()) * a.clients, "download": sum(down.values()) * a.clients,
+            "download_by_dtype": down}
+
+
+def round_table(a) -> None:
+    """One fresh process per method (its own peak memory), then the table."""
+    print(f"\nfedsweep rounds of {a.rounds_model} on {a.device}: K={a.clients} clients x {a.client_rows} rows, "
+          f"B={a.batch_size}, length {a.length}, 1 epoch, plain SGD, FedAvg; LoRA r={a.rank} (alpha {2 * a.rank}, "
+          f"peft's default targets), fp32; 1 warm-up + {a.round_count} timed rounds")
+    where = "peak GPU MiB" if a.device.startswith("cuda") else "peak RSS MiB"
+    print(f"{'method':<12}{'trainable':>12}{'total':>12}{where:>14}{'(-start)':>10}{'s/round':>9}"
+          f"{'upload B/round':>16}{'download B/round':>18}")
+    for method in a.round_methods:
+        cmd = [sys.executable, __file__, "--one-round-case", method, *sys.argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{method:<12}  failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{method:<12}{row['trainable']:>12,}{row['total']:>12,}{row['peak'] / 2**20:>14.1f}"
+              f"{row['peak_over_start'] / 2**20:>10.1f}{row['seconds']:>9.2f}{row['upload']:>16,}"
+              f"{row['download']:>18,}", flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -154,7 +246,24 @@ def main() -> None:
     p.add_argument("--no-server-state", action="store_true",
                    help="do not allocate the FedAvg state on the device (only report it)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
+    p.add_argument("--rounds-model", default=None,
+                   help="fedsweep model spec for the table of rounds (default with --tiny: tiny-llama; "
+                        "'none': no such table)")
+    p.add_argument("--round-methods", nargs="+", default=list(ROUND_METHODS), choices=list(ROUND_METHODS))
+    p.add_argument("--clients", type=int, default=4, help="clients per round (rounds table)")
+    p.add_argument("--client-rows", type=int, default=64, help="training rows per client (rounds table)")
+    p.add_argument("--round-count", type=int, default=2, help="timed rounds after the warm-up (rounds table)")
+    p.add_argument("--one-round-case", help=argparse.SUPPRESS)  # internal: one method, JSON on stdout
     a = p.parse_args()
+    if a.rounds_model is None:
+        a.rounds_model = "tiny-llama" if a.tiny else "none"
+    if a.one_round_case:
+        torch.set_num_threads(a.threads)
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        print(json.dumps(round_case(a, a.one_round_case)))
+        return
     a.steps = a.steps if a.steps is not None else (2 if a.tiny else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
 
@@ -189,6 +298,8 @@ def main() -> None:
             print(f"{model_name:<10}{method:<10}{row['total']:>14,}{row['trainable']:>14,}{row['server_gib']:>11.3f}"
                   f"{peak:>10}{row['step_ms']:>9.1f}{row['examples_per_s']:>9.1f}{row['upload_mib']:>12.2f}",
                   flush=True)
+    if a.rounds_model != "none":
+        round_table(a)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""GPU-hours for the paper's whole grid (config/config.yaml), to size a SLURM allocation.
+"""GPU-hours of a grid (default config/config.yaml, the paper's; any config: --config), to size a
+SLURM allocation.
 
-Per cell (data set, model, K, seed): training examples = rounds (the data set's
-second_threshold) x epochs x the training set (floor(N/K) x K rows); evaluation = the test set,
+The cells are the workflow's (fedsweep.grid: data set x model x algorithm x partition x K x
+seed, less restricted entries). Per cell: training examples = rounds (the data set's
+second_threshold) x epochs x the rows trained per round (floor(N/K) x K rows; K x per_client
+for a per_client partition; times the sampled fraction of clients for an algorithm that samples
+clients); evaluation = the test set,
 forward only (a third of the training FLOPs per example), at round 0 and every eval_every
 rounds. K does not change the work: each of the K clients trains E epochs on its 1/K shard, so
 a round processes the whole training set whatever K is, and every K costs the same (fedsweep's
 per-client overhead aside: see bench_overhead.py). Epochs and eval_every are merged per cell as
 the workflow does (train < datasets.NAME.train < models.NAME.train < overrides).
+SCAFFOLD, FedProx and the server strategies add little compute (bench_algorithms.py) and are
+costed like FedAvg.
 
 Training examples/s per model, first found of:
   --throughput MODEL=EX_PER_S     measured (e.g. with bench_gpu.py) or known;
@@ -17,6 +23,7 @@ Training examples/s per model, first found of:
 
     python benchmarks/bench_projection.py                           # 40% MFU of an H100 (bf16)
     python benchmarks/bench_projection.py --throughput bert-base-cased=1800 --mfu 0.3
+    python benchmarks/bench_projection.py --config config/future_work.yaml
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import statistics
 from pathlib import Path
 
 import yaml
+
+from fedsweep import grid
 
 ROOT = Path(__file__).resolve().parent.parent
 # Training / test rows of the paper's data sets (the hub's splits).
@@ -46,19 +55,6 @@ def pairs(items: list[str], kind=float) -> dict[str, float]:
         key, _, value = item.partition("=")
         out[key] = kind(value)
     return out
-
-
-def cell_train(cfg: dict, dataset: str, model: str, clients: int, seed: int) -> dict:
-    """The workflow's merge (workflow/rules/common.smk: cell_train)."""
-    merged = dict(cfg.get("train", {}))
-    merged.update(cfg["datasets"][dataset].get("train") or {})
-    merged.update((cfg["models"][model] or {}).get("train") or {})
-    for entry in cfg.get("overrides") or []:
-        values = {"model": model, "dataset": dataset, "clients": clients, "seed": seed}
-        if all(k not in entry or values[k] in (entry[k] if isinstance(entry[k], list) else [entry[k]])
-               for k in values):
-            merged.update(entry.get("set", {}))
-    return merged
 
 
 def flops_per_example(model: str, width: int) -> float:
@@ -90,41 +86,51 @@ def main() -> None:
         for model, values in found.items():
             throughput.setdefault(model, statistics.median(values))
 
-    clients, seeds = cfg["clients"], cfg["seeds"]
-    print(f"grid: {len(cfg['models'])} models x {len(cfg['datasets'])} data sets x K in {clients} x seeds {seeds}")
+    cfg.setdefault("train", {})
+    cells = grid.cells(cfg)
+    print(f"grid: {len(cells)} cells: {len(cfg['models'])} models x {len(cfg['datasets'])} data sets x "
+          f"{len(grid.algorithms(cfg))} algorithms x {len(grid.partitions(cfg))} partitions x K in {cfg['clients']} "
+          f"x seeds (less restricted entries)")
     print(f"estimates assume {a.mfu:.0%} MFU of {a.peak_tflops:g} TFLOP/s; eval = forward only (1/3 of a training "
           "example), over the test set at round 0 and every eval_every rounds")
     print(f"{'model':<23}{'data set':<18}{'rounds':>7}{'E':>3}{'train ex/s':>11}{'source':>10}"
           f"{'h/cell':>8}{'cells':>6}{'GPU-h':>9}")
     total = 0.0
     for model in cfg["models"]:
+        spec = (cfg["models"][model] or {}).get("spec", model)
         for dataset, ds in cfg["datasets"].items():
+            mine = [c for c in cells if c["model"] == model and c["dataset"] == dataset]
+            if not mine:
+                continue
             if dataset not in sizes:
                 raise SystemExit(f"data set {dataset!r}: size unknown, give --sizes {dataset}=TRAIN,TEST")
             n_train, n_test = sizes[dataset]
             rounds = int(ds["second_threshold"])
             if model in throughput:
                 rate, source = throughput[model], "given" if model in pairs(a.throughput) else "runs"
-            elif model in SHAPES:
-                rate = a.mfu * a.peak_tflops * 1e12 / flops_per_example(model, widths.get(dataset, max_length))
+            elif spec in SHAPES:
+                rate = a.mfu * a.peak_tflops * 1e12 / flops_per_example(spec, widths.get(dataset, max_length))
                 source = "MFU"
             else:
                 raise SystemExit(f"model {model!r}: shape unknown, give --throughput {model}=EX_PER_S")
             hours = []
-            for k in clients:
-                for seed in seeds:
-                    t = cell_train(cfg, dataset, model, k, seed)
-                    epochs, eval_every = int(t.get("epochs", 1)), int(t.get("eval_every", 1))
-                    trained = rounds * epochs * (n_train // k) * k
-                    evaluated = (1 + rounds // eval_every + (rounds % eval_every != 0)) * n_test / 3
-                    hours.append((trained + evaluated) / rate / 3600)
+            for cell in mine:
+                k = cell["clients"]
+                t = grid.cell_train(cfg, **cell)
+                epochs, eval_every = int(t.get("epochs", 2)), int(t.get("eval_every", 1))
+                rows = grid.train_rows(cfg, cell["partition"], k, (n_train // k) * k)
+                settings = grid.algorithm_settings(cfg, cell["algorithm"])
+                sampled = settings.get("clients_per_round") or 0
+                fraction = min(sampled, k) / k if sampled else float(settings.get("client_fraction", 1.0))
+                trained = rounds * epochs * rows * fraction
+                evaluated = (1 + rounds // eval_every + (rounds % eval_every != 0)) * n_test / 3
+                hours.append((trained + evaluated) / rate / 3600)
             total += sum(hours)
             h = statistics.mean(hours)
             print(f"{model:<23}{dataset:<18}{rounds:>7}{epochs:>3}{rate:>11.0f}{source:>10}{h:>8.1f}"
                   f"{len(hours):>6}{sum(hours):>9.0f}")
-    print(f"total: {total:,.0f} GPU-hours ({len(cfg['models']) * len(cfg['datasets']) * len(clients) * len(seeds)} "
-          "cells; every K costs the same, since each round trains on the whole training set)")
-
+    print(f"total: {total:,.0f} GPU-hours ({len(cells)} cells; with a fixed total, every K costs the same, since "
+          "each round trains on the whole training set; per_client partitions grow with K)")
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ from fedsweep.engine import PROTOCOLS, FlatParameters, client_batches, derive_se
 from fedsweep.partition import iid_shards, write_shards
 from fedsweep.train import TrainConfig, run
 
-TIMING = ["train_seconds", "aggregate_seconds", "eval_seconds"]
+TIMING = ["train_seconds", "aggregate_seconds", "eval_seconds", "peak_memory_bytes"]  # differ run to run
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # name -> settings: every strategy, every client update, both optimisers, schedules, sampling.
@@ -238,8 +238,23 @@ def test_algorithm_matches_hand_written_reference(micro, tmp_path, name):
     expected, history = _reference(micro, micro.shards["k3"], 3, **settings)
     start = _unpadded(micro, FlatParameters(_micro_model(micro)).data)
     assert float((expected - start).norm()) > 1e-2  # the model moved
-    scale = float(expected.abs().max())
-    assert float((got - expected).abs().max()) <= 1e-6 * scale, float((got - expected).abs().max())
+    scale, tolerance = float(expected.abs().max()), 1e-6
+    if settings.get("client_optimizer") == "adamw" and settings.get("strategy", "fedavg") != "fedavg":
+        # After a server step computed in another order (float32 here, float64 in the reference),
+        # the clients start from weights ~1e-9 apart, and AdamW divides by sqrt(v): small
+        # gradients' rounding differences grow (to ~1e-6 here, lr 2e-3). Worse, BERT's attention
+        # key biases have a gradient that is 0 in exact arithmetic (softmax ignores a constant per
+        # query): both compute rounding noise there, which AdamW turns into steps of up to lr.
+        tolerance = 1e-5
+        keep = torch.ones_like(expected, dtype=torch.bool)
+        model = _micro_model(micro)
+        offset = 0
+        for param_name, p in model.named_parameters():
+            if param_name.endswith("attention.self.key.bias"):
+                keep[offset:offset + p.numel()] = False
+            offset += p.numel()
+        got, expected = got[keep], expected[keep]
+    assert float((got - expected).abs().max()) <= tolerance * scale, float((got - expected).abs().max())
     if name == "fedavg":
         assert torch.equal(got, expected)  # the same arithmetic: bitwise
     rows = metrics[metrics["round"] > 0].reset_index(drop=True)
@@ -558,6 +573,10 @@ def test_scaffold_stores_control_variates_of_trained_clients_only(micro, tmp_pat
     size = len(_weights(out)) * 4
     assert summary["control_variates"]["bytes"] == len(trained) * size
     assert all((out / "scaffold" / f).stat().st_size == size for f in files)
+    (out / "scaffold" / files[0]).unlink()  # a control variate the checkpoint needs is gone: refused, one line
+    with pytest.raises(FedsweepError, match=r"needs 1 control-variate file\(s\) that are missing, e\.g\. .*"
+                                            r"; delete the checkpoint to start over"):
+        run(_cfg(micro, out, shards="k4", rounds=3, client="scaffold", clients_per_round=2))
     run(_cfg(micro, tmp_path / "gone", shards="k4", rounds=2, client="scaffold", keep_checkpoint=False))
     assert not (tmp_path / "gone" / "checkpoint.pt").exists() and not (tmp_path / "gone" / "scaffold").exists()
 

@@ -368,7 +368,7 @@ def test_report_flags_requests_larger_than_the_partition(tmp_path):
     text = "\n".join(rep.lines)
     assert "54 training cell(s) on partition gpu" in text and "max_runtime: 2880" in text
     # the Yelp and AG News cells of BERT and ALBERT exceed 2 days; DistilBERT's Yelp cells too
-    assert any("yelp_review_full/bert-base-cased/K1_seed0 asks for 8448 min" in p for p in rep.problems)
+    assert any("yelp_review_full/bert-base-cased/fedavg/iid_K1_seed0 asks for 8448 min" in p for p in rep.problems)
     assert rep.problems[-1] == "config: set resources.max_runtime: 2880 (partition gpu's MaxTime)"
     chained = cluster.check_cluster_report(gpu_cluster(), profile={}, profile_names=[],
                                            config=paper_config(max_runtime=2880), config_names=["c"],
@@ -400,12 +400,13 @@ def _run_json(path: Path, rate: float, device: str, world: int = 1, peak: int = 
 
 def test_calibrate_reads_finished_cells(tmp_path, capsys):
     runs = tmp_path / "results" / "runs"
-    _run_json(runs / "imdb/bert-base-cased/K1_seed0", 700.0, "NVIDIA H100 80GB HBM3")
-    _run_json(runs / "imdb/bert-base-cased/K2_seed0", 760.0, "NVIDIA H100 80GB HBM3")
-    _run_json(runs / "ag_news/bert-base-cased/K1_seed0", 740.0, "NVIDIA H100 80GB HBM3")
-    _run_json(runs / "imdb/distilbert-base-cased/K1_seed0", 2 * 1500.0, "NVIDIA H100 80GB HBM3", world=2)
-    _run_json(runs / "synthetic/tiny-bert/K1_seed0", 475.0, "x86_64", peak=626 * 2 ** 20)
-    (runs / "imdb/bert-base-cased/K1_seed0/segments").mkdir()  # a chain's parts are not cells
+    _run_json(runs / "imdb/bert-base-cased/fedavg/iid_K1_seed0", 700.0, "NVIDIA H100 80GB HBM3")
+    _run_json(runs / "imdb/bert-base-cased/fedavg/iid_K2_seed0", 760.0, "NVIDIA H100 80GB HBM3")
+    _run_json(runs / "ag_news/bert-base-cased/fedavg/iid_K1_seed0", 740.0, "NVIDIA H100 80GB HBM3")
+    _run_json(runs / "imdb/distilbert-base-cased/fedavg/iid_K1_seed0", 2 * 1500.0, "NVIDIA H100 80GB HBM3", world=2)
+    _run_json(runs / "synthetic/tiny-bert/fedavg/iid_K1_seed0", 475.0, "x86_64", peak=626 * 2 ** 20)
+    (runs / "imdb/bert-base-cased/fedavg/iid_K1_seed0/segments").mkdir()  # a chain's parts are not cells
+    (runs / "imdb/bert-base-cased/fedavg/iid_K1_seed0/segments/r10.run.json").write_text("{}")
     found = {c.model: c for c in cluster.calibrate(tmp_path / "results")}
     assert found["bert-base-cased"].throughput == 740.0 and found["bert-base-cased"].cells == 3
     assert found["distilbert-base-cased"].throughput == 1500.0  # per GPU

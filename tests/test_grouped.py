@@ -94,7 +94,7 @@ def test_run_with_client_group_resumes_and_rejects_bad_values(synth_tokens, tmp_
     straight = run(TrainConfig(out_dir=str(tmp_path / "a"), rounds=3, **base))
     run(TrainConfig(out_dir=str(tmp_path / "b"), rounds=2, **base))
     resumed = run(TrainConfig(out_dir=str(tmp_path / "b"), rounds=3, **base))  # extends round 2 to 3
-    timing = ["train_seconds", "aggregate_seconds", "eval_seconds"]
+    timing = ["train_seconds", "aggregate_seconds", "eval_seconds", "peak_memory_bytes"]  # differ run to run
     pd.testing.assert_frame_equal(straight.drop(columns=timing), resumed.drop(columns=timing))
     assert straight["test_accuracy"].notna().all() and np.isfinite(straight["train_loss"].iloc[1:]).all()
     # A checkpoint made with another group size is another configuration: refused, not mixed.

@@ -21,7 +21,9 @@ datasets:
   ag_news: {budget: 10, second_threshold: 20}
 models: [tiny, small]
 """
-FIGURES = ("accuracy_vs_clients", "rounds_to_target", "accuracy_per_round")
+FIGURES = ("accuracy_vs_clients", "rounds_to_target", "accuracy_per_round", "drift",
+           "accuracy_vs_clients_by_partition", "accuracy_vs_bytes")
+TABLES = ("accuracy_at_budget", "rounds_to_target", "seeds", "missing_cells")
 
 
 def cell(dataset, model, clients, seed, rounds, accuracy, eval_every=1, chance=0.5):
@@ -93,9 +95,11 @@ def row(table, dataset, model, clients, seed):
 
 def test_accuracy_at_budget_table(report):
     table = report["accuracy"]
-    assert list(table.columns) == ["model", "algorithm", "dataset", "clients", "seed", "budget", "round_used",
-                                   "accuracy", "baseline_accuracy", "ratio", "baseline_algorithm", "chance_accuracy",
-                                   "seeds"]
+    assert list(table.columns) == ["model", "algorithm", "partition", "kind", "dataset", "clients", "seed", "budget",
+                                   "round_used", "accuracy", "accuracy_std", "ci95_low", "ci95_high", "ci95",
+                                   "binomial_se", "test_rows", "baseline_accuracy", "ratio", "baseline_algorithm",
+                                   "baseline_partition", "chance_accuracy", "seeds"]
+    assert set(table["partition"]) == {"iid"} and set(table["kind"]) == {"fixed_total"}  # files before partitions
     assert set(table["algorithm"]) == {"fedavg"}  # metrics without the column are FedAvg's
     # 11 seed rows + one "mean" row per (model, dataset, K): 8 cells.
     assert len(table) == 11 + 8
@@ -123,8 +127,9 @@ def test_accuracy_at_budget_table(report):
 
 def test_rounds_to_target_table(report):
     table = report["rounds"]
-    assert list(table.columns) == ["model", "algorithm", "dataset", "clients", "seed", "target_accuracy", "rounds",
-                                   "reached", "searched_until", "status", "seeds"]
+    assert list(table.columns) == ["model", "algorithm", "partition", "kind", "dataset", "clients", "seed",
+                                   "target_accuracy", "rounds", "reached", "searched_until", "status", "seeds",
+                                   "seeds_reached", "rounds_min", "rounds_max"]
     # Hand-computed: target 0.9 * 0.9 = 0.81; K=2 is 0.5 + 0.02 r >= 0.81 first at r = 16, K=1 at r = 8.
     k2 = row(table, "imdb", "tiny", 2, 0)
     assert k2["target_accuracy"] == pytest.approx(0.81)
@@ -147,7 +152,7 @@ def test_rounds_to_target_table(report):
 
 def test_figures_written_and_readable(report):
     outputs = report["outputs"]
-    assert set(outputs) == {"accuracy_at_budget", "rounds_to_target", "datasets"} | {
+    assert set(outputs) == {*TABLES, "datasets"} | {
         f"{name}_{ext}" for name in FIGURES for ext in ("png", "pdf")}
     for name in FIGURES:
         pdf = outputs[f"{name}_pdf"]
@@ -283,3 +288,195 @@ def test_algorithms_are_a_dimension_of_tables_and_figures(tmp_path):
         assert image.shape[1] == pytest.approx(7 * 200, abs=2) and image[..., :3].std() > 0.05
     # two models in rows, one data set in columns: taller than the one-algorithm figure of one data set
     assert matplotlib.image.imread(outputs["accuracy_vs_clients_png"]).shape[0] > 2.5 * 2 * 200
+
+
+# ----------------------------------------------------------------------------- seeds, partitions, partial grids
+
+
+def write_cells(root, cells, run_json=None):
+    """Like write_tree, with the partition as a path level and an optional run.json beside each file."""
+    for frame in cells:
+        first = frame.iloc[0]
+        out = root / first["dataset"] / first["model"] / str(first.get("partition", "iid")) \
+            / str(first.get("algorithm", "fedavg")) / f"K{first['clients']}_seed{first['seed']}"
+        out.mkdir(parents=True)
+        frame.to_parquet(out / "metrics.parquet", index=False)
+        if run_json is not None:
+            (out / "run.json").write_text(json.dumps(run_json(first)))
+    return root
+
+
+def constant(value):
+    return lambda r: value if r >= 1 else 0.5
+
+
+def test_seed_summary_matches_hand_computation():
+    from fedsweep.report import binomial_se, seed_summary
+
+    summary = seed_summary([0.80, 0.84, 0.82])
+    half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t(0.975, 2 degrees of freedom) x s / sqrt(n)
+    assert summary["mean"] == pytest.approx(0.82) and summary["std"] == pytest.approx(0.02)
+    assert summary["ci95_half_width"] == pytest.approx(half, rel=1e-9)
+    assert (summary["ci95_low"], summary["ci95_high"]) == (pytest.approx(0.82 - half), pytest.approx(0.82 + half))
+    assert summary["ci95"] == ""
+    one = seed_summary([0.8])
+    assert one["ci95"] == "1 seed" and one["mean"] == 0.8 and math.isnan(one["ci95_low"]) and math.isnan(one["std"])
+    assert seed_summary([])["ci95"] == "no seeds"
+    assert binomial_se(0.82, 1000) == pytest.approx(math.sqrt(0.82 * 0.18 / 1000))
+    assert math.isnan(binomial_se(0.82, math.nan))
+
+
+def test_tables_give_the_t_interval_and_binomial_error_over_seeds(tmp_path):
+    """Three seeds at 0.80, 0.84, 0.82: the mean row and tables/seeds.csv carry the hand-computed
+    interval; test_rows from metrics.parquet (or run.json) gives each accuracy's binomial error."""
+    cells = [cell("imdb", "tiny", 1, seed, 20, constant(0.9)).assign(test_rows=500) for seed in range(3)]
+    cells += [cell("imdb", "tiny", 4, seed, 20, constant(acc)).assign(test_rows=500)
+              for seed, acc in enumerate([0.80, 0.84, 0.82])]
+    write_cells(tmp_path / "results", cells)
+    (tmp_path / "config.yaml").write_text(CONFIG.replace("models: [tiny, small]", "models: [tiny]\nseeds: [0, 1, 2]"))
+    outputs = make_report([str(tmp_path / "results")], str(tmp_path / "config.yaml"), str(tmp_path / "tables"),
+                          str(tmp_path / "figures"))
+    table = pd.read_csv(outputs["accuracy_at_budget"], dtype={"seed": str}, keep_default_na=False, na_values=[""])
+    half = 4.302652729911275 * 0.02 / math.sqrt(3)
+    mean = row(table, "imdb", "tiny", 4, "mean")
+    assert mean["accuracy"] == pytest.approx(0.82) and mean["accuracy_std"] == pytest.approx(0.02)
+    assert (mean["ci95_low"], mean["ci95_high"]) == (pytest.approx(0.82 - half), pytest.approx(0.82 + half))
+    assert pd.isna(mean["ci95"]) and mean["seeds"] == 3
+    seed1 = row(table, "imdb", "tiny", 4, 1)
+    assert seed1["binomial_se"] == pytest.approx(math.sqrt(0.84 * 0.16 / 500)) and seed1["test_rows"] == 500
+    assert pd.isna(seed1["ci95_low"])  # intervals are over seeds: on mean rows only
+    seeds = pd.read_csv(outputs["seeds"])
+    k4 = seeds[seeds["clients"] == 4].iloc[0]
+    assert (k4["status"], k4["seeds"], k4["seeds_expected"], k4["seed_list"]) == ("complete", 3, 3, "0 1 2")
+    assert k4["ci95_half_width"] == pytest.approx(half) and k4["ratio_mean"] == pytest.approx(0.82 / 0.9)
+    assert k4["binomial_se"] == pytest.approx(math.sqrt(0.82 * 0.18 / 500))
+    assert k4["rounds_min"] == 1 and k4["seeds_reached"] == 2  # 0.80 < 0.81 = 0.9 x 0.9: seed 0 never reaches
+    missing = pd.read_csv(outputs["missing_cells"])  # the config's other data set has no runs
+    assert set(missing["dataset"]) == {"ag_news"} and len(missing) == 2 * 3  # K=1, K=4 x 3 seeds
+
+
+def test_one_seed_table_says_so(tmp_path):
+    write_cells(tmp_path / "results", [cell("imdb", "tiny", 1, 0, 20, constant(0.9)),
+                                       cell("imdb", "tiny", 2, 0, 20, constant(0.8))])
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    outputs = make_report([str(tmp_path / "results")], str(tmp_path / "config.yaml"), str(tmp_path / "tables"),
+                          str(tmp_path / "figures"))
+    table = pd.read_csv(outputs["accuracy_at_budget"], dtype={"seed": str})
+    means = table[table["seed"] == "mean"]
+    assert (means["ci95"] == "1 seed").all() and means[["ci95_low", "ci95_high", "accuracy_std"]].isna().all().all()
+    seeds = pd.read_csv(outputs["seeds"])
+    ran = seeds[seeds["status"] == "complete"]
+    assert list(ran["clients"]) == [1, 2] and (ran["ci95"] == "1 seed").all() and seeds["ci95_low"].isna().all()
+    assert set(seeds.loc[seeds["status"] == "missing", "ci95"]) == {"no seeds"}  # the config's other cells
+    assert seeds["binomial_se"].isna().all()  # no test_rows recorded (no run.json): NaN, not a guess
+
+
+def test_partial_grid_renders_and_marks_missing(tmp_path):
+    """The config's grid (models, clients, seeds, partitions, algorithms); the metrics hold part of
+    it: the tables list what is missing and the figures still render."""
+    config = CONFIG.replace("models: [tiny, small]", "models: [tiny, small]\nclients: [1, 2, 4]\nseeds: [0, 1]\n"
+                            "partitions: {iid: {scheme: iid}, weak: {scheme: iid, per_client: 50}}\n"
+                            "algorithms: [fedavg]")
+    (tmp_path / "config.yaml").write_text(config)
+    cells = [cell("imdb", "tiny", k, s, 20, linear(0.5, 0.04 / k, 0.9)) for k in (1, 2, 4) for s in (0, 1)]
+    cells = [c for c in cells if not (c["clients"].iloc[0] == 4 and c["seed"].iloc[0] == 1)]  # one seed lost
+    cells.append(cell("imdb", "tiny", 1, 0, 20, linear(0.5, 0.03, 0.8)).assign(partition="weak"))
+    write_cells(tmp_path / "results", cells,
+                run_json=lambda first: {"partition": {"kind": "per_client" if first.get("partition") == "weak"
+                                                      else "fixed_total"}})
+    outputs = make_report([str(tmp_path / "results")], str(tmp_path / "config.yaml"), str(tmp_path / "tables"),
+                          str(tmp_path / "figures"))
+    seeds = pd.read_csv(outputs["seeds"])
+    # 2 data sets x 2 models x 2 partitions x 1 algorithm x 3 K: every cell of the grid has a row.
+    assert len(seeds) == 24
+    status = {(r.dataset, r.model, r.partition, r.clients): r.status for r in seeds.itertuples()}
+    assert status[("imdb", "tiny", "iid", 1)] == "complete"
+    assert status[("imdb", "tiny", "iid", 4)] == "partial: 1 of 2 seeds (missing seed 1)"
+    assert status[("imdb", "tiny", "weak", 1)] == "partial: 1 of 2 seeds (missing seed 1)"
+    assert status[("ag_news", "small", "weak", 2)] == "missing"
+    assert dict(zip(seeds["partition"], seeds["kind"])) == {"iid": "fixed_total", "weak": "per_client"}
+    missing = pd.read_csv(outputs["missing_cells"])
+    assert len(missing) == 24 * 2 - 6  # 6 (cell, seed) pairs ran
+    assert set(missing["status"]) == {"missing"}
+    assert ((missing["model"] == "tiny") & (missing["partition"] == "iid") & (missing["clients"] == 4)
+            & (missing["dataset"] == "imdb")).sum() == 1
+    table = pd.read_csv(outputs["accuracy_at_budget"], dtype={"seed": str})
+    weak = table[(table["partition"] == "weak") & (table["seed"] == "0")].iloc[0]
+    assert (weak["kind"], weak["baseline_partition"]) == ("per_client", "weak")  # never iid's fixed-total K=1
+    for name in FIGURES:
+        image = matplotlib.image.imread(outputs[f"{name}_png"])
+        assert image.shape[1] == pytest.approx(7 * 200, abs=2) and image[..., :3].std() > 0.05
+
+
+def test_partitions_and_drift(tmp_path):
+    """Cells of several partitions: each compared with its own K=1 cell, else iid's of the same kind;
+    the kind and the test-set size come from run.json; the drift figure draws the recorded norms."""
+    def drift(frame, partition):
+        r = frame["round"].astype(float)
+        return frame.assign(partition=partition, pseudo_gradient_norm=(1 + r) ** -0.5 * frame["clients"],
+                            client_drift_rms=0.1 * frame["clients"], client_drift_max=0.2, update_cosine=0.5)
+
+    cells = [drift(cell("imdb", "tiny", 1, 0, 20, linear(0.5, 0.04, 0.9)), "iid"),
+             drift(cell("imdb", "tiny", 4, 0, 20, linear(0.5, 0.02)), "iid"),
+             drift(cell("imdb", "tiny", 4, 0, 20, linear(0.5, 0.01)), "shards-2"),  # no K=1: iid's
+             drift(cell("imdb", "tiny", 1, 0, 20, linear(0.5, 0.03, 0.8)), "weak"),
+             drift(cell("imdb", "tiny", 4, 0, 20, linear(0.5, 0.03)), "weak")]
+    write_cells(tmp_path / "results", cells, run_json=lambda first: {
+        "test_rows": 200, "partition": {"kind": "per_client" if first["partition"] == "weak" else "fixed_total"}})
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    outputs = make_report([str(tmp_path / "results")], str(tmp_path / "config.yaml"), str(tmp_path / "tables"),
+                          str(tmp_path / "figures"))
+    table = pd.read_csv(outputs["accuracy_at_budget"], dtype={"seed": str})
+    seeds = table[table["seed"] == "0"].set_index(["partition", "clients"])
+    assert seeds.loc[("shards-2", 4), "baseline_partition"] == "iid"
+    assert seeds.loc[("shards-2", 4), "ratio"] == pytest.approx(0.6 / 0.9)
+    assert seeds.loc[("weak", 4), "baseline_partition"] == "weak"
+    assert seeds.loc[("weak", 4), "ratio"] == pytest.approx(0.8 / 0.8)
+    assert seeds.loc[("weak", 4), "kind"] == "per_client" and seeds.loc[("iid", 4), "kind"] == "fixed_total"
+    assert seeds.loc[("iid", 4), "binomial_se"] == pytest.approx(math.sqrt(0.7 * 0.3 / 200))
+    assert list(dict.fromkeys(table["partition"])) == ["iid", "shards-2", "weak"]  # iid first
+    for name in ("drift", "accuracy_vs_clients_by_partition"):
+        image = matplotlib.image.imread(outputs[f"{name}_png"])
+        assert image.shape[1] == pytest.approx(7 * 200, abs=2) and image[..., :3].std() > 0.05
+
+
+def test_a_partition_of_two_kinds_is_an_error(tmp_path):
+    write_cells(tmp_path / "a", [cell("imdb", "tiny", 1, 0, 5, constant(0.9))],
+                run_json=lambda first: {"partition": {"kind": "per_client"}})
+    write_cells(tmp_path / "b", [cell("imdb", "tiny", 2, 0, 5, constant(0.9))])
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    with pytest.raises(FedsweepError, match="partition 'iid' has cells of kinds"):
+        make_report([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "config.yaml"),
+                    str(tmp_path / "t"), str(tmp_path / "f"))
+
+
+def test_grid_from_the_configs_cell_list(tmp_path):
+    """The workflow's report config lists its cells (a grid with restricted entries): exactly those
+    are expected, and a partition's kind may be given in the config."""
+    config = CONFIG + ("partitions: {iid: {kind: fixed_total}, weak: {kind: per_client, per_client: 50}}\n"
+                       "cells:\n  - [imdb, tiny, fedavg, iid, 1, 0]\n  - [imdb, tiny, fedavg, iid, 2, 0]\n"
+                       "  - [imdb, tiny, fedavg, iid, 2, 1]\n  - [imdb, tiny, fedavg, weak, 2, 0]\n")
+    (tmp_path / "config.yaml").write_text(config)
+    write_cells(tmp_path / "results", [cell("imdb", "tiny", 1, 0, 20, constant(0.9)),
+                                       cell("imdb", "tiny", 2, 0, 20, constant(0.8))])
+    outputs = make_report([str(tmp_path / "results")], str(tmp_path / "config.yaml"), str(tmp_path / "tables"),
+                          str(tmp_path / "figures"))
+    seeds = pd.read_csv(outputs["seeds"])
+    assert list(zip(seeds["partition"], seeds["clients"], seeds["status"], seeds["kind"])) == [
+        ("iid", 1, "complete", "fixed_total"), ("iid", 2, "partial: 1 of 2 seeds (missing seed 1)", "fixed_total"),
+        ("weak", 2, "missing", "per_client")]
+    missing = pd.read_csv(outputs["missing_cells"])
+    assert list(zip(missing["partition"], missing["clients"], missing["seed"])) == [("iid", 2, 1), ("weak", 2, 0)]
+
+
+def test_communicated_bytes_accumulate_over_rounds_even_when_rounds_are_skipped():
+    from fedsweep.report import communicated_bytes
+
+    # one cell evaluated every 2 rounds (rows 0, 2, 4), 100 bytes up and 100 down per round;
+    # one from before fedsweep counted bytes (no curve)
+    frame = pd.DataFrame({
+        "dataset": "d", "model": "m", "clients": 2, "seed": 0, "round": [0, 2, 4, 0, 1],
+        "test_accuracy": [0.25, 0.5, 0.75, 0.25, 0.5], "upload_bytes": [0, 100, 100, None, None],
+        "download_bytes": [0, 100, 100, None, None], "source": ["a", "a", "a", "old", "old"]})
+    curves = communicated_bytes(frame)
+    assert curves["bytes"].tolist() == [0, 400, 800] and curves["test_accuracy"].tolist() == [0.25, 0.5, 0.75]

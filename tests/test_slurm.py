@@ -28,7 +28,7 @@ PROFILES = [REPO / "profiles" / "slurm", REPO / "profiles" / "slurm-ci"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Columns of metrics.parquet that are measured times, not results.
-TIMINGS = ["train_seconds", "aggregate_seconds", "eval_seconds"]
+TIMINGS = ["train_seconds", "aggregate_seconds", "eval_seconds", "peak_memory_bytes"]  # differ run to run
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +127,11 @@ def _demo_config(path: Path, second_threshold: int, chain: bool = False, **resou
     two thirds of their runtime, so that each runs as a chain of two jobs."""
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["results_dir"] = "results"
-    cfg["models"] = {"tiny-bert": cfg["models"]["tiny-bert"]}
+    cfg["models"] = {"tiny-bert": {k: v for k, v in cfg["models"]["tiny-bert"].items() if k != "seeds"}}
     cfg["clients"] = [1, 2]
     cfg["seeds"] = [0]
+    cfg.pop("algorithms", None)  # FedAvg on iid shards only
+    cfg.pop("partitions", None)
     (name,) = list(cfg["datasets"])[:1]
     cfg["datasets"] = {name: cfg["datasets"][name]}
     cfg["datasets"][name]["second_threshold"] = second_threshold
@@ -206,7 +208,7 @@ def test_memory_request_above_the_node_is_refused_with_one_line(cluster, tmp_pat
     work.mkdir()
     too_much = cluster.memory_mb + 1000
     _demo_config(work / "config.yaml", second_threshold=2, mem_mb=too_much)
-    line = _refused_before_any_job(cluster, work, PROFILES, "slurm: training job synthetic/tiny-bert/K")
+    line = _refused_before_any_job(cluster, work, PROFILES, "slurm: training job synthetic/tiny-bert/fedavg/iid_K")
     assert (f"asks for mem_mb={too_much} (resources.mem_mb of the config), more than any node of partition "
             f"{cluster.partition} has ({cluster.memory_mb} MB)") in line, line
     res = _cluster_check(cluster, work, "--profile", str(PROFILES[0]), "--profile", str(PROFILES[1]),
@@ -227,9 +229,9 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
     rounds = 12
     cfg = _demo_config(work / "config.yaml", second_threshold=rounds, chain=True)
     dataset = next(iter(cfg["datasets"]))
-    victim_log = work / "results" / "logs" / "train" / dataset / "tiny-bert" / "K2_seed0.log"
-    victim_run = work / "results" / "runs" / dataset / "tiny-bert" / "K2_seed0"
-    victim_comment = f"rule_train_wildcards_{dataset}_tiny-bert_2_0"
+    victim_log = work / "results" / "logs" / "train" / dataset / "tiny-bert" / "fedavg" / "iid_K2_seed0.log"
+    victim_run = work / "results" / "runs" / dataset / "tiny-bert" / "fedavg" / "iid_K2_seed0"
+    victim_comment = f"rule_train_wildcards_{dataset}_tiny-bert_fedavg_iid_2_0"
 
     cmd = _snakemake_cmd(work / "config.yaml")
     smk_log = work / "snakemake.log"
@@ -280,7 +282,7 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
     assert any(kind == "group" and name.startswith("prep") for kind, name in kinds), kinds
     assert ("rule", "tokenize") not in kinds and ("rule", "partition") not in kinds
     for k in (1, 2):
-        summary = json.loads((results / "runs" / dataset / "tiny-bert" / f"K{k}_seed0" / "run.json").read_text())
+        summary = json.loads((results / "runs" / dataset / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0" / "run.json").read_text())
         assert summary["slurm_job_id"] in submitted
 
     # The cancelled training job failed, was resubmitted, and the new job resumed.
@@ -304,8 +306,8 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
 
     # The chains: two jobs each (rounds 1-6, then 7-12), the same metrics as one job.
     for k in (1, 2):
-        chain = results / "runs" / "chain" / "tiny-bert" / f"K{k}_seed0"
-        single = results / "runs" / dataset / "tiny-bert" / f"K{k}_seed0"
+        chain = results / "runs" / "chain" / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0"
+        single = results / "runs" / dataset / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0"
         assert (chain / "segments" / "r6.done").exists()
         part = json.loads((chain / "segments" / "r6.run.json").read_text())
         assert part["resumed_from_round"] == 0 and part["config"]["rounds"] == 6
@@ -314,7 +316,7 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
         got = pd.read_parquet(chain / "metrics.parquet").drop(columns=TIMINGS + ["dataset"])
         want = pd.read_parquet(single / "metrics.parquet").drop(columns=TIMINGS + ["dataset"])
         pd.testing.assert_frame_equal(got, want, check_exact=True)
-        chain_log = (results / "logs" / "train" / "chain" / "tiny-bert" / f"K{k}_seed0.log").read_text()
+        chain_log = (results / "logs" / "train" / "chain" / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0.log").read_text()
         assert "fedsweep train to round 6: attempt 1" in chain_log
         assert "fedsweep train to round 12: attempt 1" in chain_log
     # each link asked for its share of the 30 minutes
@@ -325,14 +327,15 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
     modes = {str(p.relative_to(results)): oct(p.stat().st_mode & 0o777) for p in results.rglob("*") if p.is_file()}
     wrong = {p: m for p, m in modes.items() if m != oct(0o664)}
     assert not wrong, wrong
-    assert {"runs/synthetic/tiny-bert/K1_seed0/metrics.parquet", "runs/synthetic/tiny-bert/K1_seed0/checkpoint.pt",
-            "logs/train/synthetic/tiny-bert/K1_seed0.log"} <= set(modes)
+    assert {"runs/synthetic/tiny-bert/fedavg/iid_K1_seed0/metrics.parquet",
+            "runs/synthetic/tiny-bert/fedavg/iid_K1_seed0/checkpoint.pt",
+            "logs/train/synthetic/tiny-bert/fedavg/iid_K1_seed0.log"} <= set(modes)
 
 
 @pytest.mark.skipif(os.environ.get("FEDSWEEP_MEASURE_SLURM_OVERHEAD") != "1",
                     reason="a measurement (~10 min): FEDSWEEP_MEASURE_SLURM_OVERHEAD=1 runs it")
 def test_measure_overhead_of_the_demo_through_slurm(cluster, tmp_path):
-    """The whole demo (config/demo.yaml, 12 cells) through SLURM with the profile's status timing
+    """The whole demo (config/demo.yaml, 36 cells) through SLURM with the profile's status timing
     and groups, and with the plugin's defaults (40 s, no groups), printing both wall times; the
     README's numbers. Only the profile differs (the workflow is this one in both)."""
     _needs_workflow()

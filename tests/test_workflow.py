@@ -28,7 +28,8 @@ ENV = {
     # the `fedsweep` executable lives beside this interpreter
     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
 }
-FIGURES = ("accuracy_vs_clients", "rounds_to_target", "accuracy_per_round")
+FIGURES = ("accuracy_vs_clients", "rounds_to_target", "accuracy_per_round", "drift",
+           "accuracy_vs_clients_by_partition", "accuracy_vs_bytes")
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -154,7 +155,7 @@ def test_paper_grid_paths_and_overrides(tmp_path):
     assert "--max-length 256 --out-dir results/tokens/yelp_review_full/albert-base-v1_L256" in out
     assert "results/tokens/yelp_review_full/albert-base-v1_L128" not in out
     assert "results/shards/imdb/iid_K32_seed0.parquet" in out
-    assert "results/runs/yelp_review_full/albert-base-v1/K16_seed0/metrics.parquet" in out
+    assert "results/runs/yelp_review_full/albert-base-v1/fedavg/iid_K16_seed0/metrics.parquet" in out
     assert "checkpoint.pt" not in out  # kept in the run folder, never a declared output
 
 
@@ -220,7 +221,7 @@ def test_max_runtime_splits_long_cells_into_chains_of_jobs(tmp_path):
         (found,) = [b for b in blocks if f"rule {rule}:" in b and f"output: {output}" in b]
         return found
 
-    run = "results/runs/yelp_review_full/bert-base-cased/K8_seed0"
+    run = "results/runs/yelp_review_full/bert-base-cased/fedavg/iid_K8_seed0"
     first = block("train_segment", f"{run}/segments/r34.done")
     second = block("train_segment", f"{run}/segments/r67.done")
     last = block("train", f"{run}/metrics.parquet")
@@ -231,15 +232,16 @@ def test_max_runtime_splits_long_cells_into_chains_of_jobs(tmp_path):
         assert f"--rounds {rounds} " in text and f"runtime={minutes}," in text, text
         assert f"mv -f {run}/metrics.parquet" in text or rounds == 100
     # one log per cell: each job's log is a hard link to the run folder's train.log
-    assert f"ln -f {run}/train.log results/logs/train/yelp_review_full/bert-base-cased/K8_seed0.r34.log" in first
+    assert f"ln -f {run}/train.log results/logs/train/yelp_review_full/bert-base-cased/fedavg/iid_K8_seed0.r34.log" in first
     assert "attempt 1, SLURM job ${SLURM_JOB_ID:-none}" in last
-    imdb = block("train", "results/runs/imdb/bert-base-cased/K1_seed0/metrics.parquet")
+    imdb = block("train", "results/runs/imdb/bert-base-cased/fedavg/iid_K1_seed0/metrics.parquet")
     assert "segments" not in imdb.split("output:")[0] and "runtime=948," in imdb
 
 
 def test_dirichlet_partition_and_results_dir(tmp_path):
     work = copy_workflow(tmp_path / "wf")
     config = yaml.safe_load((work / "config/config.yaml").read_text())
+    del config["partitions"]  # the older single-partition block: one partition, named after its scheme
     config["partition"] = {"scheme": "dirichlet", "alpha": 0.5}
     write_config(work / "config/skew.yaml", config)
     proc = snakemake(
@@ -248,8 +250,55 @@ def test_dirichlet_partition_and_results_dir(tmp_path):
     out = proc.stdout
     assert "out/paper/shards/imdb/dirichlet-a0.5_K8_seed0.parquet" in out
     assert "--scheme dirichlet --alpha 0.5" in out
-    assert "out/paper/runs/ag_news/bert-base-cased/K1_seed0/metrics.parquet" in out
+    assert "out/paper/runs/ag_news/bert-base-cased/fedavg/dirichlet-a0.5_K1_seed0/metrics.parquet" in out
     assert job_counts(out)["train"] == 54
+
+
+def test_algorithm_and_partition_axes(tmp_path):
+    """Algorithms and partitions are path levels and wildcards; restrictions, per-model seeds and
+    overrides pick the cells; each cell's job gets its algorithm's and partition's settings."""
+    work = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    config["models"]["bert-base-cased"]["seeds"] = [0, 1, 2]
+    config["algorithms"] = {
+        "fedavg": {},
+        "fedadam": {"strategy": "fedadam", "server_lr": 0.01, "models": "bert-base-cased"},
+        "scaffold": {"client": "scaffold", "datasets": ["imdb"], "models": "distilbert-base-cased"},
+    }
+    config["partitions"] = {
+        "iid": {"scheme": "iid"},
+        "dir0.1": {"scheme": "dirichlet", "alpha": 0.1},
+        "patho": {"scheme": "shards", "classes_per_client": 2, "models": ["bert-base-cased"]},
+        "weak": {"scheme": "iid", "per_client": 500, "datasets": "ag_news"},
+    }
+    config["overrides"] = [{"algorithm": "fedadam", "partition": "patho", "set": {"lr": 0.001}}]
+    write_config(work / "config/axes.yaml", config)
+    proc = snakemake(work, "-n", "-p", "--configfile", "config/axes.yaml", timeout=300)
+    out = proc.stdout
+    train_cmds = [line for line in out.splitlines() if "fedsweep train" in line]
+    K = 6
+    bert = (2 * 3 * 3 + 2 * 1) * K * 3  # (algorithms x partitions on 3 data sets, + weak on ag_news) x K x seeds
+    albert = (1 * 2 * 3 + 1) * K  # fedavg x (iid, dir0.1) x 3 data sets, + weak on ag_news
+    distil = (1 * 2 * 3 + 1) * K + 1 * 2 * K  # + scaffold x (iid, dir0.1) on imdb
+    assert len(train_cmds) == bert + albert + distil, len(train_cmds)
+    assert job_counts(out)["train"] == len(train_cmds)
+    # shards: per data set, partition, K and seed (seeds 0-2: bert's), shared by the models
+    assert "results/shards/imdb/patho_K8_seed2.parquet" in out
+    assert "--scheme shards --classes-per-client 2" in out
+    assert "--scheme iid --per-client 500" in out and "results/shards/imdb/weak_" not in out
+    assert "--scheme dirichlet --alpha 0.1" in out
+    scaffold = [c for c in train_cmds if "--algorithm scaffold" in c]
+    assert len(scaffold) == 2 * K and all("--model distilbert-base-cased" in c and "--dataset imdb" in c
+                                          for c in scaffold)
+    assert all("""--algorithm-spec '{"client":"scaffold"}'""" in c for c in scaffold)
+    assert "results/runs/imdb/distilbert-base-cased/scaffold/dir0.1_K32_seed0/metrics.parquet" in out
+    adam = [c for c in train_cmds if "--algorithm fedadam" in c]
+    assert all("""--algorithm-spec '{"server_lr":0.01,"strategy":"fedadam"}'""" in c for c in adam)
+    slow = [c for c in train_cmds if "--lr 0.001" in c]
+    assert slow and all("--algorithm fedadam --partition patho" in c for c in slow)
+    assert len(slow) == 3 * K * 3
+    fedavg = [c for c in train_cmds if "--algorithm fedavg" in c]
+    assert fedavg and not any("--algorithm-spec" in c for c in fedavg)  # FedAvg: today's command line
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -318,20 +367,42 @@ def test_demo_end_to_end(demo):
     work, seconds, proc = demo
     config = yaml.safe_load((work / "config/demo.yaml").read_text())
     results = work / config.get("results_dir", "results")
-    cells = len(config["datasets"]) * len(config["models"]) * len(config["clients"]) * len(config.get("seeds", [0]))
+    from fedsweep import grid
+
+    grid_cells = grid.cells(config)
+    cells = len(grid_cells)
+    # the paper's families, MiniLM and a LoRA tiny-llama on FedAvg/iid, and tiny-bert's future
+    # work: 2 algorithms x 2 partitions x 2 seeds
+    assert cells == 4 * 3 + 2 * 2 * 3 * 2
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts["train"] == cells
     print(f"demo: {cells} cells in {seconds:.0f} s")
 
-    for dataset, ds in config["datasets"].items():
-        for model in config["models"]:
-            for k in config["clients"]:
-                run = results / "runs" / dataset / model / f"K{k}_seed0"
-                metrics = pd.read_parquet(run / "metrics.parquet")
-                assert metrics["round"].max() == ds["second_threshold"]
-                assert (run / "run.json").exists() and (run / "checkpoint.pt").exists()
-                assert (results / "benchmarks/train" / dataset / model / f"K{k}_seed0.tsv").exists()
-                assert (results / "logs/train" / dataset / model / f"K{k}_seed0.log").stat().st_size > 0
+    for cell in grid_cells:
+        name = grid.cell_name(cell)
+        run = results / "runs" / name
+        metrics = pd.read_parquet(run / "metrics.parquet")
+        assert metrics["round"].max() == config["datasets"][cell["dataset"]]["second_threshold"]
+        assert set(metrics["algorithm"]) == {cell["algorithm"]} and set(metrics["partition"]) == {cell["partition"]}
+        assert (run / "run.json").exists() and (run / "checkpoint.pt").exists()
+        assert (results / "benchmarks/train" / f"{name}.tsv").exists()
+        assert (results / "logs/train" / f"{name}.log").stat().st_size > 0
+        if cell["algorithm"] == "scaffold":  # the clients' control variates, on disk
+            assert len(list((run / "scaffold").glob("c*.f32"))) == cell["clients"]
+            assert metrics.loc[metrics["round"] > 0, "control_variate_norm"].gt(0).all()
+
+    seeds = pd.read_csv(results / "tables/seeds.csv")
+    assert (seeds["status"] == "complete").all() and len(seeds) == cells - 3 * 2 * 2  # tiny-bert's 2 seeds: one row
+    llama = pd.read_parquet(results / "runs/synthetic/tiny-llama/fedavg/iid_K2_seed0/metrics.parquet")
+    # LoRA: only the adapters and the head are trained and sent
+    assert (llama["trainable_parameters"] < llama["total_parameters"] / 100).all()
+    trained = llama[llama["round"] > 0]
+    assert (trained["upload_bytes"] == 2 * 4 * trained["trainable_parameters"]).all()
+    two = seeds[seeds["model"] == "tiny-bert"]
+    assert len(two) == 2 * 2 * 3 and (two["ci95_high"] >= two["ci95_low"]).all()
+    assert (two["ci95_high"] > two["ci95_low"]).any()  # (two seeds may agree: a zero-width interval)
+    assert (seeds.loc[seeds["model"] != "tiny-bert", "ci95"] == "1 seed").all()
+    assert pd.read_csv(results / "tables/missing_cells.csv").empty
 
     acc = pd.read_csv(results / "tables/accuracy_at_budget.csv")
     acc = acc[acc["seed"].astype(str) != "mean"]  # one row per seed (plus seed-mean rows)
@@ -340,8 +411,12 @@ def test_demo_end_to_end(demo):
     assert (acc["round_used"] == acc["dataset"].map({d: v["budget"] for d, v in config["datasets"].items()})).all()
     base = acc[acc["clients"] == 1]
     assert (base["ratio"] == 1).all()
-    # the K=1 baselines learn: well above chance (the test set's majority share)
-    assert (base["accuracy"] > base["chance_accuracy"] + 0.15).all(), base
+    # the K=1 baselines learn: above chance (the test set's majority share), well above it for
+    # the first seed on i.i.d. shards (tiny-bert's second seed and its K=1 cells of the other
+    # algorithm and partition learn less in 2 rounds: 0.41-0.51 against chance 0.29)
+    assert (base["accuracy"] > base["chance_accuracy"] + 0.1).all(), base
+    first = base[(base["partition"] == "iid") & (base["algorithm"] == "fedavg") & (base["seed"].astype(str) == "0")]
+    assert len(first) == 5 and (first["accuracy"] > first["chance_accuracy"] + 0.15).all(), first
 
     rounds = pd.read_csv(results / "tables/rounds_to_target.csv")
     rounds = rounds[rounds["seed"].astype(str) != "mean"]
@@ -357,7 +432,7 @@ def test_demo_end_to_end(demo):
 
     # No job (training included) tried to reach the network, and the models were "fetched".
     assert not (work / "net.log").exists() or not (work / "net.log").read_text().strip()
-    assert {p.stem for p in (results / "models").glob("*.json")} == {"tiny-bert", "tiny-albert", "tiny-distilbert", "minilm"}
+    assert {p.stem for p in (results / "models").glob("*.json")} == {"tiny-bert", "tiny-albert", "tiny-distilbert", "tiny-llama", "minilm"}
 
     again = snakemake(work, "-n", "--configfile", "config/demo.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -371,7 +446,7 @@ def test_figures_from_cached_metrics_only(demo, tmp_path):
     results = work / "results"
     for stage in ("data", "tokens", "shards", "tables", "figures"):
         shutil.rmtree(results / stage)
-    metrics = sorted(results.glob("runs/*/*/K*_seed*/metrics.parquet"))
+    metrics = sorted(results.glob("runs/*/*/*/*_K*_seed*/metrics.parquet"))
     before = {p: p.stat().st_mtime_ns for p in metrics}
 
     dry = snakemake(work, "figures", "-n", "--configfile", "config/demo.yaml")

@@ -5,6 +5,11 @@ so far, the config hash and config, the thread counts, the algorithm (its slug a
 settings), the server strategy's state (momentum, moments) and the client update's state
 (SCAFFOLD: the server control variate and which file holds each client's). Every random draw is
 a pure function of (seed, round, client, epoch), so the round number and seed ARE the RNG state.
+
+With LoRA (:mod:`fedsweep.lora`) the weights vector holds only the trainable tensors (adapters and
+classification head): the frozen base is rebuilt from the model spec and seed. ``exact``
+aggregation changes the base weights of the adapted layers every round; those are part of the
+strategy's state (``lora_base.<layer>`` in ``server_state``), so a resumed run continues bitwise.
 """
 
 from __future__ import annotations

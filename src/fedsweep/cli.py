@@ -72,23 +72,63 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
           f"{meta['mean_length']['train']:.1f}, {100 * meta['truncated_share']['train']:.1f}% truncated -> {a.out_dir}")
 
 
+def _check_partition_flags(a: argparse.Namespace) -> None:
+    """Bad or inapplicable partition flags, named as the user typed them (one line, exit 2)."""
+    from .partition import SCHEMES, SIZE_DISTRIBUTIONS
+
+    def bad(flag: str, value, why: str) -> FedsweepError:
+        return FedsweepError(f"partition: {flag} {value} {why}")
+
+    if a.scheme not in SCHEMES:
+        raise bad("--scheme", a.scheme, f"is not one of {', '.join(SCHEMES)}")
+    if a.size_distribution not in SIZE_DISTRIBUTIONS:
+        raise bad("--size-distribution", a.size_distribution, f"is not one of {', '.join(SIZE_DISTRIBUTIONS)}")
+    uses_alpha = a.scheme == "dirichlet" or (a.scheme == "quantity_skew" and a.size_distribution == "dirichlet")
+    uses_sigma = a.scheme == "quantity_skew" and a.size_distribution == "lognormal"
+    for flag, value, needed, used in (
+        ("--alpha", a.alpha, uses_alpha, uses_alpha),
+        ("--sigma", a.sigma, uses_sigma, uses_sigma),
+        ("--classes-per-client", a.classes_per_client, False, a.scheme == "shards"),
+    ):
+        if value is None and needed:
+            raise FedsweepError(f"partition: --scheme {a.scheme}"
+                                + (f" --size-distribution {a.size_distribution}" if a.scheme == "quantity_skew" else "")
+                                + f" needs {flag}")
+        if value is not None and not used:
+            raise bad(flag, value, f"is not used by --scheme {a.scheme}"
+                      + (f" --size-distribution {a.size_distribution}" if a.scheme == "quantity_skew" else ""))
+        if value is not None and not value > 0:
+            raise bad(flag, value, "must be > 0")
+    if a.size_distribution != "dirichlet" and a.scheme != "quantity_skew":
+        raise bad("--size-distribution", a.size_distribution, "is only used with --scheme quantity_skew")
+    for flag, value in (("--clients", a.clients), ("--classes-per-client", a.classes_per_client),
+                        ("--per-client", a.per_client), ("--min-rows", a.min_rows), ("--min-size", a.min_size)):
+        if value is not None and value < 1:
+            raise bad(flag, value, "must be an integer >= 1")
+
+
 def cmd_partition(a: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
     from .data import read_meta
-    from .partition import label_histogram, partition, read_shards, write_shards
+    from .partition import label_histogram, partition, read_shards, scheme_info, write_shards
 
+    _check_partition_flags(a)
     meta = read_meta(a.data_dir)
     labels = pd.read_parquet(Path(a.data_dir) / "train.parquet", columns=["label"])["label"].to_numpy()
-    shards = partition(labels, a.clients, a.seed, a.scheme, a.alpha, min_size=a.min_size)
-    info = {"scheme": a.scheme, "seed": a.seed, "alpha": a.alpha, "train_rows": len(labels),
+    options = {"classes_per_client": a.classes_per_client or 2, "size_distribution": a.size_distribution,
+               "sigma": a.sigma, "min_rows": a.min_rows, "per_client": a.per_client}
+    shards = partition(labels, a.clients, a.seed, a.scheme, a.alpha, min_size=a.min_size, **options)
+    info = {**scheme_info(a.scheme, a.alpha, **options), "seed": a.seed, "train_rows": len(labels),
             "train_sha256": meta["sha256"]["train"], "dropped": int(len(labels) - sum(len(s) for s in shards))}
     write_shards(a.out, shards, info)
     hist = label_histogram(read_shards(a.out), labels, meta["num_classes"])
     share = hist / np.maximum(hist.sum(1, keepdims=True), 1)
-    print(f"partitioned {len(labels)} rows into {a.clients} {a.scheme} shards of {sorted({len(s) for s in shards})} "
-          f"(dropped {info['dropped']}; max class share per client {share.max():.2f}) -> {a.out}")
+    sizes = sorted({len(s) for s in shards})
+    sizes_text = str(sizes) if len(sizes) <= 4 else f"{sizes[0]}..{sizes[-1]} rows"
+    print(f"partitioned {len(labels)} rows into {a.clients} {a.scheme} shards of {sizes_text} ({info['kind']}; "
+          f"dropped {info['dropped']}; max class share per client {share.max():.2f}) -> {a.out}")
 
 
 def _algorithm_spec(a: argparse.Namespace, fields: dict) -> dict:
@@ -107,10 +147,22 @@ def _algorithm_spec(a: argparse.Namespace, fields: dict) -> dict:
     return {**fields, **spec}
 
 
+def _peft_spec(text: str | None) -> dict | None:
+    """``--peft``: a YAML/JSON mapping ({method: lora, r: 16, ...}) or ``none``, checked here."""
+    if text is None:
+        return None
+    from .lora import parse
+
+    spec = None if text.strip() == "none" else _spec_mapping(text, "--peft")
+    parse(spec, "--peft")  # one line naming a bad field, before anything loads
+    return spec
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .train import TrainConfig, run
 
     fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    fields["peft"] = _peft_spec(a.peft)
     metrics = run(TrainConfig(**_algorithm_spec(a, fields)))
     last = metrics.dropna(subset=["test_accuracy"]).iloc[-1]
     print(f"trained {a.model} K={metrics['clients'].iloc[0]}: round {int(last['round'])} test accuracy "
@@ -191,8 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", required=True)
     s.add_argument("--clients", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--scheme", default="iid", help="iid (the paper) or dirichlet (label skew)")
-    s.add_argument("--alpha", type=float, help="Dirichlet concentration (scheme=dirichlet)")
+    s.add_argument("--scheme", default="iid",
+                   help="iid (the paper), dirichlet (label skew), shards (sort by label, classes_per_client "
+                        "pieces per client) or quantity_skew (i.i.d. labels, skewed sizes)")
+    s.add_argument("--alpha", type=float,
+                   help="Dirichlet concentration (dirichlet; quantity_skew with --size-distribution dirichlet)")
+    s.add_argument("--classes-per-client", type=int, help="shards: label-sorted pieces per client (default 2)")
+    s.add_argument("--size-distribution", default="dirichlet",
+                   help="quantity_skew: client shares from dirichlet (--alpha) or lognormal (--sigma)")
+    s.add_argument("--sigma", type=float, help="quantity_skew, lognormal: standard deviation of log share")
+    s.add_argument("--min-rows", type=int, default=1, help="quantity_skew: rows every client gets at least")
+    s.add_argument("--per-client", type=int,
+                   help="N rows per client (a seeded K x N subset; the total grows with K: weak scaling)")
     s.add_argument("--min-size", type=int, default=1, help="smallest acceptable shard")
     s.add_argument("--out", required=True, help="output Parquet (one row per kept training example)")
     s.set_defaults(func=cmd_partition)
@@ -215,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--device")
     s.add_argument("--dataset", help="data set name recorded in the metrics")
+    s.add_argument("--partition", help="the partition's name (slug), recorded in metrics and run.json (default iid)")
     s.add_argument("--checkpoint-every", type=int)
     s.add_argument("--no-keep-checkpoint", dest="keep_checkpoint", action="store_false", default=None)
     s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
@@ -242,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-rounds", type=int, help="linear warmup of the client lr over this many rounds")
     g.add_argument("--clients-per-round", type=int, help="clients sampled per round (0 = all)")
     g.add_argument("--client-fraction", type=float, help="or this fraction of the clients per round")
+    s.add_argument("--peft", help="parameter-efficient fine-tuning as a YAML/JSON mapping, e.g. {method: lora, "
+                                  "r: 16, alpha: 32, dropout: 0.0, target_modules: [q_proj, v_proj], "
+                                  "aggregation: exact, base_dtype: bf16} (aggregation: fedit, ffa or exact; "
+                                  "base_dtype: fp32 or bf16); none (default): full fine-tuning")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("fetch", help="download a model's weights and tokenizer into the HF cache (head node)")

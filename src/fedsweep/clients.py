@@ -105,6 +105,10 @@ class LocalOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         params = self.params
+        if self.correction_views is None and self.anchor is None and self.adamw is None:
+            sgd_step(params, self.lr)  # plain SGD: FedAvg's client, as before
+            self.steps += 1
+            return
         live = [i for i, p in enumerate(params) if p.grad is not None]  # unused parameters stay as they are
         grads = [params[i].grad for i in live]
         if self.correction_views is not None:  # SCAFFOLD: g - c_i + c
@@ -140,7 +144,6 @@ class ClientUpdate:
         self.round = 0
         self._adamw: dict[int, tuple[list[torch.Tensor], torch.optim.Optimizer]] = {}
         self._prox: dict[tuple[int, ...], torch.Tensor] = {}
-        self.reduce: Callable[[torch.Tensor], None] | None = None  # all-reduce hook (multi-process)
 
     def begin_round(self, round_: int, lr: float, clients: Sequence[int], sizes: Sequence[int]) -> None:
         """``clients``: every client of the round (all ranks); ``sizes``: every client's shard size."""
@@ -285,6 +288,10 @@ class ControlVariateStore:
             removed.append(entry)
         return removed
 
+    def missing(self) -> list[Path]:
+        """Files the versions name that are not there (a folder deleted by hand, a run moved without it)."""
+        return [self.path(k, int(v)) for k, v in enumerate(self.versions) if v > 0 and not self.path(k, int(v)).exists()]
+
     def disk_bytes(self) -> int:
         return int((self.versions > 0).sum()) * self.size * 4
 
@@ -300,27 +307,33 @@ class Scaffold(ClientUpdate):
     (``fedavg``: the size-weighted average of the ``y_i``, the paper's global step with lr 1).
     Local steps must be plain SGD (``client_optimizer=sgd``).
 
-    The update of ``c`` is summed after the round, in float64, in the order of the client indices,
-    from the clients' files (the new ``c_i+`` and the ``c_i`` it replaces; both are on disk until the
-    next checkpoint): every rank computes the same ``c`` to the bit, whichever ranks trained which
-    clients, and a single process computes the same sum. (Summed as clients finish, the order would
-    follow the ranks, and ``c`` is a difference of such sums: its last bits would show.) At K=1,
-    ``c = c_1`` to the bit after every round, so the correction ``c - c_1`` is exactly 0: SGD.
+    The update of ``c`` is summed in float64 in the order of the client indices. One process trains
+    its clients in that order and adds each as it finishes; with several ranks (``world > 1``)
+    every rank sums after the round from the clients' files (the new ``c_i+`` and the ``c_i`` it
+    replaces; both are on disk until the next checkpoint), in the same order with the same
+    operations: every rank, and a single process, computes the same ``c`` to the bit, whichever
+    ranks trained which clients. (Summed as each rank's clients finish, the order would follow the
+    ranks, and ``c`` is a difference of such sums: its last bits would show.) At K=1, ``c = c_1``
+    to the bit after every round, so the correction ``c - c_1`` is exactly 0: SGD.
 
     Device memory: ``c``, a correction buffer ``c - c_i`` (G of them for a group), two fp32
-    scratch vectors and one fp64 accumulator: 6 x 4 bytes x parameters, flat in K. Per round, each
-    rank reads 2 files per trained client (page cache: the files were just written).
+    scratch vectors and one fp64 accumulator: 6 x 4 bytes x parameters, flat in K. Per client and
+    round: one file read and one written (several ranks: 2 more reads per client of the round,
+    on every rank, after it; page cache: the files were just written).
     """
 
     name = "scaffold"
 
-    def __init__(self, settings: ClientSettings, global_weights: torch.Tensor, store: ControlVariateStore):
+    def __init__(self, settings: ClientSettings, global_weights: torch.Tensor, store: ControlVariateStore,
+                 world: int = 1):
         super().__init__(settings, global_weights)
         self.store = store
+        self.world = world  # processes sharing the clients of a round
         device, size = global_weights.device, global_weights.numel()
         self.c = torch.zeros(size, device=device)
         self.accum = torch.zeros(size, dtype=torch.float64, device=device)
         self.old = torch.empty(size, device=device)
+        self.old_client = -1  # whose c_i `old` holds
         self.sizes: list[int] = []
         self.q = torch.empty(size, device=device)
         self._corrections: dict[int, torch.Tensor] = {}
@@ -334,6 +347,8 @@ class Scaffold(ClientUpdate):
         self.clients = sorted(clients)
         self.sizes = list(sizes)
         self.total = sum(sizes)
+        self.accum.copy_(self.c)
+        self.old_client = -1
 
     @torch.no_grad()
     def optimizer(self, params, weights, views, clients):
@@ -345,6 +360,9 @@ class Scaffold(ClientUpdate):
         rows = correction if correction.dim() == 2 else correction[None]
         for row, client in zip(rows, clients):
             self.store.read(client, row)  # c_i
+            if g == 1:  # kept for the sum of c's update
+                self.old.copy_(row)
+                self.old_client = client
             torch.sub(self.c, row, out=row)  # c - c_i
         return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings, correction=correction)
 
@@ -357,21 +375,30 @@ class Scaffold(ClientUpdate):
         # c_i+ = c_i - c + q = q - (c - c_i), rounded to fp32 as it is stored
         torch.sub(q, new, out=new)
         self.store.write(client, self.round, new)
+        if self.world == 1:  # clients come in ascending order: sum as they finish
+            if self.old_client != client:
+                self.store.read(client, self.old)
+            self._add(client, new, self.old)
+            self.old_client = -1
+
+    def _add(self, client: int, new: torch.Tensor, old: torch.Tensor) -> None:
+        """accum += (n_i / N) (c_i+ - c_i), chunk by chunk in float64."""
+        alpha = self.sizes[client] / self.total
+        for start in range(0, self.c.numel(), self.chunk):
+            stop = min(start + self.chunk, self.c.numel())
+            cast = self._cast[:stop - start]
+            self.accum[start:stop].add_(cast.copy_(new[start:stop]).sub_(old[start:stop]), alpha=alpha)
 
     @torch.no_grad()
     def finish_round(self) -> dict[str, float]:
         """``c <- c + sum_i (n_i / N) (c_i+ - c_i)`` over the round's clients, in client order."""
-        accum, new, old = self.accum, self.q, self.old
-        accum.copy_(self.c)
-        for client in self.clients:  # ascending: the same order on every rank and in one process
-            self.store.read(client, new, version=self.round)
-            self.store.read(client, old)  # the version before this round (0: never trained, c_i = 0)
-            alpha = self.sizes[client] / self.total
-            for start in range(0, self.c.numel(), self.chunk):
-                stop = min(start + self.chunk, self.c.numel())
-                cast = self._cast[:stop - start]
-                accum[start:stop].add_(cast.copy_(new[start:stop]).sub_(old[start:stop]), alpha=alpha)
-        self.c.copy_(accum)
+        if self.world > 1:
+            self.accum.copy_(self.c)
+            for client in self.clients:  # ascending: the order of one process
+                self.store.read(client, self.q, version=self.round)
+                self.store.read(client, self.old)  # the version before this round (never trained: 0)
+                self._add(client, self.q, self.old)
+        self.c.copy_(self.accum)
         self.store.commit_round(self.clients, self.round)
         return {"control_variate_norm": float(torch.linalg.vector_norm(self.c))}
 

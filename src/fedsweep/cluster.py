@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import FedsweepError
+from . import FedsweepError, grid
 
 # ----------------------------------------------------------------------------- model shapes
 
@@ -314,30 +314,10 @@ def job_minutes(estimate: RuntimeEstimate, rounds: int, first: int, last: int, a
 # ----------------------------------------------------------------------------- the cells of a config
 
 
-def _as_list(value: Any) -> list | None:
-    if value is None:
-        return None
-    return value if isinstance(value, list) else [value]
-
-
-def _matches(entry: dict[str, Any], dataset: str, model: str, clients: int, seed: int) -> bool:
-    for key, value in (("dataset", dataset), ("model", model), ("clients", clients), ("seed", seed)):
-        allowed = _as_list(entry.get(key))
-        if allowed is not None and value not in allowed:
-            return False
-    return True
-
-
-def cell_train(config: dict[str, Any], dataset: str, model: str, clients: int, seed: int) -> dict[str, Any]:
+def cell_train(config: dict[str, Any], dataset: str, model: str, clients: int, seed: int,
+               algorithm: str | None = None, partition: str | None = None) -> dict[str, Any]:
     """train < datasets.NAME.train < models.NAME.train < matching overrides (later win)."""
-    clients, seed = int(clients), int(seed)
-    merged = dict(config["train"])
-    merged.update(config["datasets"][dataset].get("train", {}))
-    merged.update(config["models"][model].get("train", {}))
-    for entry in config.get("overrides", []):
-        if _matches(entry, dataset, model, clients, seed):
-            merged.update(entry["set"])
-    return merged
+    return grid.cell_train(config, dataset, model, clients, seed, algorithm, partition)
 
 
 def cell_resources(config: dict[str, Any], dataset: str, model: str) -> dict[str, Any]:
@@ -349,8 +329,7 @@ def cell_resources(config: dict[str, Any], dataset: str, model: str) -> dict[str
 
 
 def cells(config: dict[str, Any]) -> list[dict[str, Any]]:
-    return [dict(dataset=d, model=m, clients=k, seed=s)
-            for d in config["datasets"] for m in config["models"] for k in config["clients"] for s in config["seeds"]]
+    return grid.cells(config)
 
 
 @dataclass(frozen=True)
@@ -372,15 +351,20 @@ class CellPlan:
         return job_minutes(self.estimate, self.rounds, first, target, attempt, self.max_runtime)
 
 
-def plan_cell(config: dict[str, Any], dataset: str, model: str, clients: int, seed: int, *,
+def plan_cell(config: dict[str, Any], dataset: str, model: str, clients: int, seed: int,
+              algorithm: str | None = None, partition: str | None = None, *,
               rows: tuple[int, int], split_rows: tuple[int, int] | None = None, threads: int = 1,
               shape: ModelShape | None = None, split: bool = True) -> CellPlan:
     """Memory, time and segments of a cell. ``rows`` (train, test) size the estimates;
     ``split_rows`` (default: ``rows``) decide the number of jobs, so that rows known only after
     a download do not change the jobs of a grid already under way. ``split=False``: one job
     (the jobs' own Snakemake, where the plan only names resources nobody reads)."""
-    train = cell_train(config, dataset, model, clients, seed)
+    train = cell_train(config, dataset, model, clients, seed, algorithm, partition)
     res = cell_resources(config, dataset, model)
+    if partition is not None:  # per_client: K x N rows (weak scaling), not the whole data set
+        rows = (grid.train_rows(config, partition, clients, rows[0]), rows[1])
+        if split_rows is not None:
+            split_rows = (grid.train_rows(config, partition, clients, split_rows[0]), split_rows[1])
     spec = config["models"][model].get("spec", model)
     shape = shape or model_shape(spec)
     gpus = int(res["gpus"])
@@ -406,7 +390,8 @@ def plan_cell(config: dict[str, Any], dataset: str, model: str, clients: int, se
     try:
         targets = plan_segments(estimate(split_rows or rows), rounds, max_runtime) if split else [rounds]
     except FedsweepError as exc:
-        raise FedsweepError(f"{dataset}/{model}/K{clients}_seed{seed}: {exc}") from None
+        cell = dict(dataset=dataset, model=model, algorithm=algorithm, partition=partition, clients=clients, seed=seed)
+        raise FedsweepError(f"{grid.cell_name(cell)}: {exc}") from None
     return CellPlan(mem_mb=mem_mb, memory=memory, estimate=estimate(rows), rounds=rounds, targets=tuple(targets),
                     max_runtime=max_runtime, gpus=gpus, shape=shape)
 
@@ -750,7 +735,7 @@ def calibrate(results_dir: str | os.PathLike) -> list[Calibration]:
     import statistics
 
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for path in sorted(Path(results_dir).glob("runs/*/*/K*_seed*/run.json")):
+    for path in sorted(Path(results_dir).glob("runs/**/run.json")):
         try:
             run = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -758,7 +743,8 @@ def calibrate(results_dir: str | os.PathLike) -> list[Calibration]:
         rate = run.get("train_examples_per_second")
         if not rate:
             continue
-        found.setdefault((path.parent.parent.name, str(run.get("device") or "?")), []).append(run)
+        model = path.relative_to(Path(results_dir) / "runs").parts[1]  # runs/{dataset}/{model}/...
+        found.setdefault((model, str(run.get("device") or "?")), []).append(run)
     out = []
     for (model, device), runs in sorted(found.items()):
         per_gpu = [r["train_examples_per_second"] / max(int(r.get("world_size") or 1), 1) for r in runs]
@@ -810,6 +796,10 @@ def load_workflow_config(configfiles: Sequence[str | os.PathLike], workflow_dir:
         where = "/".join(str(p) for p in getattr(cause, "absolute_path", [])) or "(top level)"
         message = getattr(cause, "message", None) or str(exc).splitlines()[0]
         raise FedsweepError(f"config: {where}: {message}") from None
+    try:
+        grid.check(config)  # algorithms, partitions and overrides, as the workflow checks them
+    except FedsweepError as exc:
+        raise FedsweepError(f"config: {exc}") from None
     return config
 
 
@@ -922,7 +912,7 @@ def check_cluster_report(info: ClusterInfo, *, profile: dict[str, Any], profile_
             except FedsweepError as exc:
                 rep.problems.append(f"config: resources.max_runtime: {exc}")
                 continue
-            name = f"{cell['dataset']}/{cell['model']}/K{cell['clients']}_seed{cell['seed']}"
+            name = grid.cell_name(cell)
             mem = int(set_mem) if set_mem else plan.mem_mb
             origin = "set-resources train:mem_mb" if set_mem else (
                 "resources.mem_mb: auto" if plan.memory else "resources.mem_mb")

@@ -13,9 +13,11 @@ FedProx, SCAFFOLD) in :mod:`fedsweep.clients`, client batching in :mod:`fedsweep
 round (sampling, training the clients, aggregating) in :mod:`fedsweep.rounds`. This module
 imports none of them.
 
-Buffers: the models used here (BERT, ALBERT, DistilBERT) have no trained buffers (no batch norm);
-their buffers (``position_ids``, ``token_type_ids``) are constants, identical in every client, so
-they are not averaged and keep the values they were built with.
+Buffers: the models used here (BERT, ALBERT, DistilBERT, and the decoders: Llama, Qwen2, GPT-2)
+have no trained buffers (no batch norm); their buffers (``position_ids``, ``token_type_ids``, rotary
+frequencies) are constants, identical in every client, so they are not averaged and keep the values
+they were built with. Frozen parameters (LoRA's base, :mod:`fedsweep.lora`) are not in the flat
+vector either: only what is trained is averaged, sent and checkpointed.
 """
 
 from __future__ import annotations

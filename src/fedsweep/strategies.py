@@ -17,10 +17,10 @@ and for the last three ``x <- x - server_lr * m / (sqrt(v) + tau)``, with ``m`` 
 ``v`` at ``tau^2`` (the paper's ``v_{-1} >= tau^2``), without bias correction (as in the paper).
 
 Precision: the average is summed in float64 and rounded to float32 (FedAvg's new weights; the
-rounding makes it independent of the order in which clients and ranks were added, so 2 ranks
-give 1 process's numbers); the server's moments ``m`` and ``v`` are float32 buffers (one or two
-model-sized vectors on the device, flat in K); each update is computed in float64 from that
-average and the float32 moments, and rounded once into the fp32 global weights. FedAvgM is
+rounding makes it, in practice, independent of the order in which clients and ranks were added,
+so 2 ranks give 1 process's numbers); from there the server step is float32 arithmetic, chunk by
+chunk in reused scratch buffers, and the moments ``m`` and ``v`` are float32 buffers (one or two
+model-sized vectors on the device, flat in K). FedAvgM is
 evaluated as ``x_new = average + (1 - lr) * delta - lr * momentum * m_old`` (the same quantity as
 ``x - lr * m_new``), so that with ``server_lr=1, server_momentum=0`` it is ``average`` to the bit:
 FedAvg. The state (``m``, ``v``) is what :meth:`Strategy.state_dict` returns, saved in every
@@ -146,48 +146,35 @@ FedAvg = Strategy
 
 class _ServerStep(Strategy):
     """A strategy whose step is elementwise in ``(x, average, state)``: computed chunk by chunk in
-    float64 scratch buffers (no model-sized temporaries), the state kept in float32."""
+    reused fp32 scratch buffers (no model-sized temporaries), the state in float32."""
 
     def __init__(self, global_weights: torch.Tensor, **settings: float):
         super().__init__(global_weights, **settings)
         self.chunk = min(chunk_size(global_weights.device), global_weights.numel())
-        device = global_weights.device
-        # fp64 working buffers and two fp32 ones for the rounded result, reused every round
-        self._f64 = [torch.empty(self.chunk, dtype=torch.float64, device=device) for _ in range(5)]
-        self._f32 = [torch.empty(self.chunk, device=device) for _ in range(2)]
+        self._f32 = [torch.empty(self.chunk, device=global_weights.device) for _ in range(3)]
 
     @torch.no_grad()
     def finish_round(self, scratch: torch.Tensor) -> ServerStats:
         if self.reduce is not None:
             self.reduce(self.accum)
         size = self.weights.numel()
-        delta_sq = torch.zeros((), dtype=torch.float64, device=self.weights.device)
-        update_sq = torch.zeros((), dtype=torch.float64, device=self.weights.device)
+        delta_sq = update_sq = 0.0
         for start in range(0, size, self.chunk):
             stop = min(start + self.chunk, size)
-            n = stop - start
-            x64, average, delta, t, u = (b[:n] for b in self._f64)
-            new, diff = (b[:n] for b in self._f32)
+            average, delta, t = (b[:stop - start] for b in self._f32)
             x = self.weights[start:stop]
-            # The average rounded to fp32 first, as FedAvg's new weights are: the fp64 sum depends
-            # (in its last bits) on the order clients and ranks added, its fp32 rounding practically
-            # never, and delta = x - average cancels digits, which would expose those bits.
-            new.copy_(self.accum[start:stop])
-            average.copy_(new)
-            x64.copy_(x)
-            torch.sub(x64, average, out=delta)
-            delta_sq += torch.dot(delta, delta)
-            self._step(slice(start, stop), x64, average, delta, t, u)  # leaves the new x in x64
-            new.copy_(x64)  # rounded once to fp32
-            torch.sub(new, x, out=diff)
-            update_sq += torch.dot(diff, diff)
-            x.copy_(new)
-        return ServerStats(math.sqrt(float(update_sq)), math.sqrt(float(delta_sq)))
+            # The average rounded to fp32 first: FedAvg's new weights. The fp64 sum depends (in its
+            # last bits) on the order clients and ranks added; its fp32 rounding practically never.
+            average.copy_(self.accum[start:stop])
+            torch.sub(x, average, out=delta)
+            delta_sq += float(torch.dot(delta, delta))
+            update_sq += self._step(slice(start, stop), x, average, delta, t)
+        return ServerStats(math.sqrt(update_sq), math.sqrt(delta_sq))
 
-    def _step(self, s: slice, x64: torch.Tensor, average: torch.Tensor, delta: torch.Tensor, t: torch.Tensor,
-              u: torch.Tensor) -> None:
-        """Update the state's chunk ``s`` and write the new global weights into ``x64`` (fp64).
-        ``t`` and ``u`` are free fp64 scratch of the chunk's length."""
+    def _step(self, s: slice, x: torch.Tensor, average: torch.Tensor, delta: torch.Tensor, t: torch.Tensor) -> float:
+        """Update the state's chunk ``s`` and the global weights' chunk ``x`` in place; return the
+        squared norm of the change of ``x``. ``delta`` (= x - average), ``average`` and ``t`` may
+        be overwritten."""
         raise NotImplementedError
 
 
@@ -202,17 +189,17 @@ class FedAvgM(_ServerStep):
         self.lr, self.beta = float(server_lr), float(server_momentum)
         self.momentum = torch.zeros_like(global_weights)
 
-    def _step(self, s, x64, average, delta, t, u):
+    def _step(self, s, x, average, delta, t):
         m = self.momentum[s]
-        u.copy_(m)  # m_old
-        # x_new = average + (1 - lr) delta - lr beta m_old: exactly `average` when lr=1, beta=0
-        torch.mul(delta, 1.0 - self.lr, out=t)
-        t.add_(average)
-        t.sub_(u, alpha=self.lr * self.beta)
-        # m_new = beta m_old + delta
-        u.mul_(self.beta).add_(delta)
-        m.copy_(u)
-        x64.copy_(t)
+        # x_new = average + (1 - lr) delta - lr beta m_old (= x - lr (beta m_old + delta)): exactly
+        # `average` when lr=1 and momentum=0, i.e. FedAvg to the bit
+        torch.add(average, delta, alpha=1.0 - self.lr, out=t)
+        t.sub_(m, alpha=self.lr * self.beta)
+        m.mul_(self.beta).add_(delta)  # m_new = beta m_old + delta
+        change = torch.sub(t, x, out=delta)
+        squares = float(torch.dot(change, change))
+        x.copy_(t)
+        return squares
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"momentum": self.momentum}
@@ -231,21 +218,18 @@ class AdaptiveStrategy(_ServerStep):
         self.v = torch.full_like(global_weights, self.tau ** 2)
 
     def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor, scratch: torch.Tensor) -> None:
-        """Update ``v`` (fp64, in place) with ``delta_sq`` = delta^2 (may be overwritten)."""
+        """Update ``v`` in place with ``delta_sq`` = delta^2 (``scratch``: free)."""
         raise NotImplementedError
 
-    def _step(self, s, x64, average, delta, t, u):
+    def _step(self, s, x, average, delta, t):
         m, v = self.m[s], self.v[s]
-        t.copy_(m).mul_(self.beta1).add_(delta, alpha=1.0 - self.beta1)
-        m.copy_(t)
-        delta.mul_(delta)  # delta^2 (delta is not needed any more)
-        u.copy_(v)
-        self._second_moment(u, delta, t)
-        v.copy_(u)
-        # x <- x - lr m / (sqrt(v) + tau), with the state as stored (fp32), as a resumed run has it
-        u.copy_(v).sqrt_().add_(self.tau)
-        t.copy_(m).div_(u)
-        x64.sub_(t, alpha=self.lr)
+        m.mul_(self.beta1).add_(delta, alpha=1.0 - self.beta1)
+        delta.mul_(delta)  # delta^2
+        self._second_moment(v, delta, average)  # the average is not needed any more: scratch
+        torch.sqrt(v, out=t).add_(self.tau)
+        step = torch.div(m, t, out=t)
+        x.sub_(step, alpha=self.lr)  # x <- x - lr m / (sqrt(v) + tau)
+        return self.lr * self.lr * float(torch.dot(step, step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"m": self.m, "v": self.v}

@@ -10,7 +10,10 @@ Outputs in ``out_dir``: ``metrics.parquet`` (one row per evaluated round, writte
 ``run.json`` (config, versions, device, threads, labels, data provenance, wall time, throughput)
 and ``checkpoint.pt`` (after every round, atomically: the global weights, the round, the metrics
 so far, the config hash, the thread count and the algorithm's state); with SCAFFOLD also
-``scaffold/``, the clients' control variates. Re-running the same command resumes from the last
+``scaffold/``, the clients' control variates. With ``peft`` (LoRA, :mod:`fedsweep.lora`) only the
+adapters and the head are trained, averaged and checkpointed; every run's metrics count the
+trainable and total parameters, the bytes the round's clients upload and download, and the peak
+memory (run.json: the bytes by dtype). Re-running the same command resumes from the last
 complete round; since every random choice is a pure function of (seed, round, client, epoch),
 the resumed run gives the numbers an uninterrupted run gives (bitwise on CPU at the same number
 of threads: another count rounds sums differently, so a resume at another count warns and
@@ -47,6 +50,7 @@ import torch
 
 from . import FedsweepError, __version__
 from . import algorithm as algo
+from . import lora
 from . import stop as stop_signal
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAMES, StaleCheckpoint, load_checkpoint, save_checkpoint
 from .clients import CLIENT_UPDATES, ControlVariateStore, Scaffold
@@ -54,8 +58,8 @@ from .engine import PROTOCOLS, FlatParameters, eval_batches, evaluate
 from .grouped import ClientGroups
 from .grouped import check_support as check_grouping_support
 from .io import remove_stale_temps, write_json, write_parquet
-from .models import build_model, model_fingerprint, num_parameters
-from .partition import read_shards
+from .models import build_model, is_decoder_classifier, model_fingerprint, num_parameters, total_parameters
+from .partition import hashed_info, partition_record, read_shards
 from .rounds import Federation, clients_per_round
 from .runtime import Progress, Ranks, pick_device
 from .strategies import build_strategy
@@ -71,10 +75,15 @@ METRIC_COLUMNS = [
     # drift (see README "Algorithms"): the pseudo-gradient, the clients' spread, their agreement
     "pseudo_gradient_norm", "client_drift_max", "client_drift_rms", "update_cosine",
     "control_variate_norm", "clients_sampled", "client_lr",
+    # size and communication (README "LoRA"): parameters trained / held; bytes every sampled client
+    # uploads and downloads this round, all together (run.json splits them by dtype); the process's
+    # peak memory so far (GPU: torch.cuda.max_memory_allocated; CPU: the peak RSS from getrusage)
+    "trainable_parameters", "total_parameters", "upload_bytes", "download_bytes", "upload_bytes_per_client",
+    "peak_memory_bytes",
 ]
 # Fields that do not change the numbers: excluded from the hash that guards resuming.
 _UNHASHED = {"out_dir", "rounds", "device", "progress", "dataset", "checkpoint_every", "keep_checkpoint",
-             "stale_checkpoint"}
+             "stale_checkpoint", "partition"}
 
 
 @dataclass
@@ -102,6 +111,9 @@ class TrainConfig:
     # refuses it (by hand: never lose a run by accident); "restart" deletes it and starts over
     # (the workflow, which reruns a cell only because what it depends on changed).
     stale_checkpoint: str = "error"
+    # The partition's name (slug), a label like `algorithm`: recorded in metrics and run.json. The
+    # split itself is the shards file (hashed through its metadata), so the label is not hashed.
+    partition: str = "iid"
     # --- the federated algorithm (fedsweep.algorithm; README "Algorithms") ---------------------
     algorithm: str = "fedavg"  # its name (slug): recorded in metrics, run.json and the checkpoint
     strategy: str = "fedavg"  # server: fedavg | fedavgm | fedadam | fedyogi | fedadagrad
@@ -121,6 +133,8 @@ class TrainConfig:
     warmup_rounds: int = 0  # linear warmup of the client lr over the first rounds
     clients_per_round: int = 0  # clients sampled per round (0 = all; capped at K)
     client_fraction: float = 1.0  # or this fraction of K (at least 1)
+    # --- parameter-efficient fine-tuning (fedsweep.lora): None or {method: lora, r: ..., ...} ---
+    peft: dict | None = None
 
     def validate(self) -> None:
         def need(ok: bool, name: str) -> None:
@@ -140,7 +154,11 @@ class TrainConfig:
         need(self.progress in ("auto", "bar", "lines", "none"), "progress")
         need(self.stale_checkpoint in ("error", "restart"), "stale_checkpoint")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed")
+        if not isinstance(self.partition, str) or not algo.SLUG.match(self.partition):
+            raise FedsweepError(f"train: partition={self.partition!r} must be a slug: letters, digits, '_', '.', "
+                                f"'+', '-' (not first), at most 64")
         algo.validate(self)
+        lora.parse(self.peft, "train: peft")
         if self.device != "auto":
             try:
                 dev = torch.device(self.device)
@@ -230,7 +248,7 @@ def _read_inputs(cfg: TrainConfig) -> _Inputs:
 def _hashed_config(cfg: TrainConfig, inputs: _Inputs) -> dict[str, Any]:
     """The settings that decide the numbers: a checkpoint resumes only under the same ones."""
     hashed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _UNHASHED}
-    hashed.update(tokens_sha256=inputs.tmeta["sha256"], shards_sha256_info=inputs.shards.info,
+    hashed.update(tokens_sha256=inputs.tmeta["sha256"], shards_sha256_info=hashed_info(inputs.shards.info),
                   num_labels=inputs.num_labels,
                   # the spec names the model; this says which weights (a local folder can be edited)
                   model_fingerprint=model_fingerprint(cfg.model))
@@ -242,6 +260,11 @@ def _hashed_config(cfg: TrainConfig, inputs: _Inputs) -> dict[str, Any]:
             del hashed[name]
     if cfg.lr_schedule == "linear":  # the decay spans the rounds: another R is another schedule
         hashed["schedule_rounds"] = cfg.rounds
+    peft = lora.parse(cfg.peft).record()
+    if peft is None:  # full fine-tuning: absent, as before LoRA existed (its checkpoints resume)
+        del hashed["peft"]
+    else:
+        hashed["peft"] = peft
     return hashed
 
 
@@ -258,13 +281,17 @@ class _Cell:
     def build(self, ckpt: dict[str, Any] | None, ckpt_path: Path) -> None:
         """Model, flat weights, strategy and client update, restored from ``ckpt`` if given."""
         cfg, device, ranks = self.cfg, self.device, self.ranks
-        model = build_model(cfg.model, self.inputs.num_labels, seed=cfg.seed)
+        self.peft = lora.parse(cfg.peft)
+        model = build_model(cfg.model, self.inputs.num_labels, seed=cfg.seed,
+                            pad_token_id=self.inputs.tmeta.get("pad_token_id"), dtype=lora.base_dtype(self.peft))
         vocab = self.inputs.tmeta["vocab_size"]
         if vocab > model.get_input_embeddings().num_embeddings:
             raise FedsweepError(
                 f"model {cfg.model!r}: its {model.get_input_embeddings().num_embeddings}-token embedding is "
                 f"smaller than tokenizer {self.inputs.tmeta['tokenizer']!r} ({vocab} tokens)"
             )
+        decoder = is_decoder_classifier(model)
+        model = lora.apply(model, self.peft)  # the frozen base, adapters and head trainable (peft: none: as is)
         model.to(device)
         flat = FlatParameters(model)
         if ckpt is not None:
@@ -276,15 +303,18 @@ class _Cell:
             flat.data.copy_(ckpt["weights"].to(device))
         self.model, self.flat = model, flat
         self.strategy = build_strategy(cfg.strategy, flat.data.clone(), **algo.strategy_settings(cfg))
+        if self.peft.aggregation == "exact" and self.peft.enabled:
+            self.strategy = lora.ExactAggregation(self.strategy, model, flat)
+        self.upload_bytes, self.download_bytes = lora.communication_bytes(flat, self.strategy)
+        self.trainable_parameters, self.total_parameters = flat.num_parameters, total_parameters(model)
         self.strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
         settings = algo.client_settings(cfg)
         if cfg.client == "scaffold":
             store = ControlVariateStore(self.out / "scaffold", self.num_clients, len(flat), device,
                                         writer=ranks.rank == 0)
-            self.client_update = Scaffold(settings, self.strategy.weights, store)
+            self.client_update = Scaffold(settings, self.strategy.weights, store, world=ranks.world)
         else:
             self.client_update = CLIENT_UPDATES[cfg.client](settings, self.strategy.weights)
-        self.client_update.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
         if ckpt is not None:
             try:
                 self.strategy.load_state_dict({k: v.to(device) for k, v in ckpt.get("server_state", {}).items()})
@@ -293,6 +323,11 @@ class _Cell:
             except ValueError as exc:
                 raise FedsweepError(f"checkpoint {str(ckpt_path)!r}: {exc}; delete it to start over") from None
         if isinstance(self.client_update, Scaffold):
+            missing = self.client_update.store.missing()
+            if missing:
+                raise FedsweepError(
+                    f"checkpoint {str(ckpt_path)!r} needs {len(missing)} control-variate file(s) that are missing, "
+                    f"e.g. {str(missing[0])!r}; delete the checkpoint to start over")
             # Files of a killed round, superseded ones, a stale run's: before any rank trains
             # (the collective after the data set-up keeps the others waiting).
             removed = self.client_update.store.reconcile()
@@ -302,6 +337,10 @@ class _Cell:
         # This rank's clients in a round: at most ceil(per_round / world).
         most = -(-self.per_round // ranks.world)
         group_size = min(cfg.client_group, most)  # K=1 cells hold one model whatever client_group says
+        if group_size > 1 and decoder:
+            raise FedsweepError(
+                f"train: client_group={cfg.client_group} trains encoders only: the vmapped step builds a "
+                f"bidirectional attention mask, and model {cfg.model!r} is a decoder (use client_group=1)")
         self.groups = ClientGroups(model, flat, group_size) if group_size > 1 else None
 
     def load_data(self) -> None:
@@ -356,7 +395,14 @@ class _Cell:
                 f"train: loss is not finite at round {round_} (client {int(stats.first_bad_client)}); stopped, {where}"
             )
         return {"round": round_, "test_accuracy": float("nan"), "test_loss": float("nan"), "eval_seconds": 0.0,
-                **fed.finish(stats)}
+                **fed.finish(stats), **self.size_metrics(stats.sampled)}
+
+    def size_metrics(self, clients: int) -> dict[str, int]:
+        """The round's parameter counts, bytes communicated by ``clients`` clients, and peak memory."""
+        up, down = sum(self.upload_bytes.values()), sum(self.download_bytes.values())
+        return {"trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters,
+                "upload_bytes": up * clients, "download_bytes": down * clients, "upload_bytes_per_client": up,
+                "peak_memory_bytes": _peak_memory(self.device)}
 
     def save(self, path: Path, round_: int, rows: list[dict], cfg_hash: str, hashed: dict[str, Any],
              thread_history: list[list[int]]) -> None:
@@ -439,7 +485,7 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
             acc, loss, secs = cell.evaluate_global(bf16)
             rows.append({**{c: float("nan") for c in METRIC_COLUMNS}, "round": 0, "test_accuracy": acc,
                          "test_loss": loss, "examples": 0, "train_seconds": 0.0, "aggregate_seconds": 0.0,
-                         "eval_seconds": secs, "clients_sampled": 0})
+                         "eval_seconds": secs, "clients_sampled": 0, **cell.size_metrics(0)})
             progress.end_round(rows[-1])
             if stopping():
                 raise Interrupted()
@@ -489,8 +535,11 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
     metrics = metrics[metrics["round"] <= cfg.rounds].reset_index(drop=True)
     tmeta, shards = inputs.tmeta, inputs.shards
     ids = {"dataset": cfg.dataset or tmeta["dataset"], "model": cfg.model, "algorithm": cfg.algorithm,
-           "clients": inputs.num_clients, "seed": cfg.seed, "protocol": cfg.protocol, "num_classes": inputs.num_labels,
-           "chance_accuracy": float(tmeta["chance_accuracy"])}
+           "partition": cfg.partition, "clients": inputs.num_clients, "seed": cfg.seed, "protocol": cfg.protocol,
+           "num_classes": inputs.num_labels,
+           "chance_accuracy": float(tmeta["chance_accuracy"]),
+           # the test-set size: the report's binomial standard error of each accuracy
+           "test_rows": len(cell.test_len)}
     for k, v in reversed(ids.items()):
         metrics.insert(0, k, v)
     trained = metrics[metrics["round"] > 0]
@@ -514,8 +563,21 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
         "data": {"dataset": tmeta.get("dataset"), "tokenizer": tmeta.get("tokenizer"),
                  "max_length": tmeta.get("max_length"), "tokens_sha256": tmeta.get("sha256"),
                  "shards": shards.info},
+        # The partition: its name, scheme, parameters and kind (fixed_total / per_client).
+        "partition": {"name": cfg.partition, **partition_record(shards.info)},
+        "test_rows": len(cell.test_len),
         # The algorithm: its name, every setting, and how many clients each round trained.
         "algorithm": {**algo.settings(cfg), "server_lr": algo.server_lr(cfg), "clients_each_round": cell.per_round},
+    }
+    # Bytes by dtype: one client's per round, and every client's over the rounds in the metrics.
+    sampled = int(trained["clients_sampled"].sum())
+    summary["peft"] = cell.peft.record() or {"method": "none"}
+    summary["trainable_parameters"], summary["total_parameters"] = cell.trainable_parameters, cell.total_parameters
+    summary["communication"] = {
+        "upload_bytes_per_client_per_round": cell.upload_bytes,
+        "download_bytes_per_client_per_round": cell.download_bytes,
+        "upload_bytes_total": {k: v * sampled for k, v in cell.upload_bytes.items()},
+        "download_bytes_total": {k: v * sampled for k, v in cell.download_bytes.items()},
     }
     if isinstance(cell.client_update, Scaffold):
         store = cell.client_update.store

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ try:
     import fedsweep
 except ImportError:
     sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from fedsweep import FedsweepError, cluster, preflight
+from fedsweep import FedsweepError, cluster, grid, preflight
 
 # pip in envs/fedsweep.yaml installs this repository (editable) from here: Snakemake copies the
 # env file into .snakemake/conda/, so a relative path there would point to the wrong folder.
@@ -129,26 +130,15 @@ def check_config(cfg):
                 f"datasets.{name}.budget={ds['budget']} exceeds "
                 f"datasets.{name}.second_threshold={ds['second_threshold']}"
             )
-    part = cfg["partition"]
-    if part["scheme"] == "dirichlet" and "alpha" not in part:
-        config_error("partition.alpha is required with partition.scheme=dirichlet")
-    if part["scheme"] == "iid" and "alpha" in part:
-        config_error(
-            f"partition.alpha={part['alpha']!r} is only used with partition.scheme=dirichlet"
-        )
-    for i, entry in enumerate(cfg["overrides"]):
-        for key, field in (
-            ("model", "models"),
-            ("dataset", "datasets"),
-            ("clients", "clients"),
-            ("seed", "seeds"),
-        ):
-            for value in _as_list(entry.get(key)) or []:
-                if value not in cfg[field]:
-                    config_error(
-                        f"overrides[{i}].{key}={value!r} is not in the config's {field} "
-                        f"({', '.join(map(str, cfg[field]))})"
-                    )
+    for name, model in cfg["models"].items():
+        seeds = model.get("seeds", [])
+        if len(set(seeds)) != len(seeds):
+            config_error(f"models.{name}.seeds={seeds}: values must be distinct")
+    # algorithms, partitions, overrides: fedsweep.grid (shared with `fedsweep cluster-check`)
+    try:
+        grid.check(cfg)
+    except FedsweepError as exc:
+        config_error(str(exc))
 
 
 validate_config(config)
@@ -187,8 +177,10 @@ def show_cause(command):
 
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
+ALGORITHMS = list(grid.algorithms(config))
+PARTITIONS = list(grid.partitions(config))
 CLIENTS = list(config["clients"])
-SEEDS = list(config["seeds"])
+SEEDS = sorted({s for m in MODELS for s in grid.model_seeds(config, m)})
 ENV = "../../envs/fedsweep.yaml"
 
 
@@ -232,18 +224,13 @@ FETCH = {tokenizer_slug(model_spec(m)): model_spec(m) for m in MODELS} | TOKENIZ
 ##### the cells of the grid and their training settings #####
 
 
-def cell_train(dataset, model, clients, seed):
+def cell_train(dataset, model, clients, seed, algorithm=None, partition=None):
     """train < datasets.NAME.train < models.NAME.train < matching overrides (later win)."""
-    return cluster.cell_train(config, dataset, model, clients, seed)
+    return grid.cell_train(config, dataset, model, clients, seed, algorithm, partition)
 
 
-CELLS = [
-    dict(dataset=d, model=m, clients=k, seed=s)
-    for d in DATASETS
-    for m in MODELS
-    for k in CLIENTS
-    for s in SEEDS
-]
+# data set x model x algorithm x partition x K x seed, less what entries restrict (fedsweep.grid)
+CELLS = grid.cells(config)
 
 
 def cell_resources(dataset, model):
@@ -308,7 +295,7 @@ def model_shape(spec):
 
 
 @functools.cache
-def _cell_plan(dataset, model, clients, seed):
+def _cell_plan(dataset, model, algorithm, partition, clients, seed):
     """Memory, minutes and jobs (round targets) of a cell (fedsweep.cluster.plan_cell). The
     number of jobs comes from rows known before any download (exact for presets, local and
     synthetic data), so it does not change once a data set is prepared. Inside a job nothing
@@ -320,6 +307,8 @@ def _cell_plan(dataset, model, clients, seed):
             model,
             int(clients),
             int(seed),
+            algorithm,
+            partition,
             rows=dataset_rows(dataset),
             split_rows=DATASET_ROWS[dataset] or GUESSED_ROWS,
             threads=config["threads"]["train"],
@@ -330,10 +319,20 @@ def _cell_plan(dataset, model, clients, seed):
         config_error(f"resources.max_runtime: {exc}")
 
 
-def cell_plan(wildcards):
-    return _cell_plan(
-        wildcards.dataset, wildcards.model, int(wildcards.clients), int(wildcards.seed)
+def _cell(wildcards):
+    """The cell of a training job's wildcards, as a dict (the keys of fedsweep.grid.cells)."""
+    return dict(
+        dataset=wildcards.dataset,
+        model=wildcards.model,
+        algorithm=wildcards.algorithm,
+        partition=wildcards.partition,
+        clients=int(wildcards.clients),
+        seed=int(wildcards.seed),
     )
+
+
+def cell_plan(wildcards):
+    return _cell_plan(**_cell(wildcards))
 
 
 def train_runtime(wildcards, attempt):
@@ -374,12 +373,24 @@ def _check_cells():
         if rows is None:
             continue
         k, where = cell["clients"], f"datasets.{cell['dataset']}"
+        part = grid.partition_settings(config, cell["partition"])
+        field = grid.partition_field(config, cell["partition"])
         if k > rows[0]:
             config_error(f"clients={k} exceeds the {rows[0]} training rows of {where}")
-        if PARTITION["scheme"] == "iid" and rows[0] // k < train["batch_size"]:
+        per_client = part.get("per_client")
+        if per_client is not None and per_client * k > rows[0]:
+            config_error(
+                f"{field}.per_client={per_client} x clients={k} needs {per_client * k} "
+                f"training rows; {where} has {rows[0]}"
+            )
+        shard = per_client if per_client is not None else rows[0] // k
+        if part.get("scheme", "iid") == "iid" and shard < train["batch_size"]:
             config_error(
                 f"clients={k} splits the {rows[0]} training rows of {where} into shards "
                 f"smaller than batch_size={train['batch_size']} (model {cell['model']})"
+                if per_client is None
+                else f"{field}.per_client={per_client} is smaller than "
+                f"batch_size={train['batch_size']} (model {cell['model']}, {where})"
             )
 
 
@@ -428,17 +439,14 @@ def max_length_of_spec(spec):
     return max(lengths, default=0)
 
 
-PARTITION = config["partition"]
 if not IN_JOB:
     _check_cells()
     # Every cell's plan (and the max_runtime check), before any job.
-    for _cell in CELLS:
-        _cell_plan(**_cell)
+    for each_cell in CELLS:
+        _cell_plan(**each_cell)
 
 
 ##### paths #####
-
-SCHEME = "iid" if PARTITION["scheme"] == "iid" else f"dirichlet-a{PARTITION['alpha']:g}"
 
 
 def _choice(values):
@@ -448,45 +456,60 @@ def _choice(values):
 wildcard_constraints:
     dataset=_choice(DATASETS),
     model=_choice(MODELS),
+    algorithm=_choice(ALGORITHMS),
+    partition=_choice(PARTITIONS),
     tokenizer=_choice(TOKENIZERS),
     spec_slug=_choice(FETCH),
-    scheme=re.escape(SCHEME),
     clients=r"[1-9][0-9]*",
     seed=r"[0-9]+",
     max_length=r"[1-9][0-9]*",
     rounds=r"[1-9][0-9]*",
 
 
-def tokens_dir(dataset, model, clients, seed):
-    length = cell_train(dataset, model, clients, seed)["max_length"]
+# A cell's folder below runs/ (and logs/train/, benchmarks/train/).
+CELL_PATH = "{dataset}/{model}/{algorithm}/{partition}_K{clients}_seed{seed}"
+
+
+def tokens_dir(dataset, model, clients, seed, algorithm=None, partition=None):
+    length = cell_train(dataset, model, clients, seed, algorithm, partition)[
+        "max_length"
+    ]
     return f"{RESULTS}/tokens/{dataset}/{model_tokenizer(model)}_L{length}"
 
 
-def shards_file(dataset, clients, seed):
-    return f"{RESULTS}/shards/{dataset}/{SCHEME}_K{clients}_seed{seed}.parquet"
+def shards_file(dataset, partition, clients, seed):
+    return f"{RESULTS}/shards/{dataset}/{partition}_K{clients}_seed{seed}.parquet"
 
 
-def run_dir(dataset, model, clients, seed):
-    return f"{RESULTS}/runs/{dataset}/{model}/K{clients}_seed{seed}"
+def run_dir(dataset, model, algorithm, partition, clients, seed):
+    cell = CELL_PATH.format(
+        dataset=dataset,
+        model=model,
+        algorithm=algorithm,
+        partition=partition,
+        clients=clients,
+        seed=seed,
+    )
+    return f"{RESULTS}/runs/{cell}"
 
 
 ##### input functions #####
 
 
 def cell_run_dir(wildcards):
-    return run_dir(
-        wildcards.dataset, wildcards.model, wildcards.clients, wildcards.seed
-    )
+    return run_dir(**_cell(wildcards))
 
 
 def _job_inputs(wildcards, target):
     """Tokens, shards and model of a cell's job; for the second and later jobs of a chain, the
     marker of the job before (in a job's own Snakemake the order is already settled: no plan).
     """
-    cell = (wildcards.dataset, wildcards.model, wildcards.clients, wildcards.seed)
+    cell = _cell(wildcards)
     inputs = {
-        "tokens": f"{tokens_dir(*cell)}/meta.json",
-        "shards": shards_file(wildcards.dataset, wildcards.clients, wildcards.seed),
+        "tokens": f"{tokens_dir(**cell)}/meta.json",
+        "shards": shards_file(
+            cell["dataset"], cell["partition"], cell["clients"], cell["seed"]
+        ),
         "model": f"{RESULTS}/models/{tokenizer_slug(model_spec(wildcards.model))}.json",
     }
     if not IN_JOB:
@@ -526,6 +549,7 @@ def train_shell(rounds, then=""):
         " OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
         " {params.launcher} train --tokens-dir {params.tokens_dir} --shards {input.shards}"
         " --model {params.spec:q} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+        " --algorithm {wildcards.algorithm} --partition {wildcards.partition}"
         " --rounds ROUNDS {params.args} --progress lines --stale-checkpoint restart"
         " --out-dir {params.out_dir} >> {log} 2>&1"
     ).replace("ROUNDS", rounds)
@@ -541,14 +565,20 @@ def train_shell(rounds, then=""):
 
 def train_args(wildcards):
     """The settings of a cell as `fedsweep train` options (part of params: a change reruns it)."""
-    cell = cell_train(
-        wildcards.dataset, wildcards.model, wildcards.clients, wildcards.seed
-    )
+    cell = _cell(wildcards)
+    train = cell_train(**cell)
     args = [
-        f"--{key.replace('_', '-')} {cell[key]}"
+        f"--{key.replace('_', '-')} {train[key]}"
         for key in TRAIN_KEYS
         if key != "max_length"
     ]
+    # The algorithm's settings (FedAvg's defaults are left out: {}) and the model's adapters.
+    spec = grid.algorithm_spec(config, cell["algorithm"])
+    if spec != "{}":
+        args.append(f"--algorithm-spec {shlex.quote(spec)}")
+    peft = config["models"][cell["model"]].get("peft")
+    if peft and peft.get("method", "none") != "none":
+        args.append(f"--peft {shlex.quote(json.dumps(peft, sort_keys=True))}")
     return " ".join(args)
 
 
@@ -558,10 +588,14 @@ def all_metrics():
 
 def cached_metrics(wildcards):
     """The metrics of every finished cell found on disk now (for `snakemake figures`)."""
-    found = sorted(glob.glob(f"{RESULTS}/runs/*/*/K*_seed*/metrics.parquet"))
+    cells = CELL_PATH.format(
+        dataset="*", model="*", algorithm="*", partition="*", clients="*", seed="*"
+    )
+    pattern = f"{RESULTS}/runs/{cells}"
+    found = sorted(glob.glob(f"{pattern}/metrics.parquet"))
     if not found:
         raise WorkflowError(
-            f"figures: no {RESULTS}/runs/*/*/K*_seed*/metrics.parquet yet; run the grid first"
+            f"figures: no {pattern}/metrics.parquet yet; run the grid first"
         )
     return found
 
@@ -577,31 +611,52 @@ def cached_metrics_stamp(wildcards):
 
 def report_config():
     """What `fedsweep report` reads, from the effective config (after --config overrides and
-    the schema's defaults): budgets, second thresholds, the target fraction and the grid.
+    the schema's defaults): budgets, second thresholds, the target fraction and the grid, down
+    to its cells (so that the report can say which are missing).
     """
-    return yaml.safe_dump(
-        {
-            "target_fraction": config["target_fraction"],
-            "datasets": {
-                name: {
-                    "budget": ds["budget"],
-                    "second_threshold": ds["second_threshold"],
-                }
-                for name, ds in config["datasets"].items()
-            },
-            "models": MODELS,
-            "clients": CLIENTS,
-            "seeds": SEEDS,
+    partitions = {}
+    for name in PARTITIONS:
+        settings = grid.partition_settings(config, name)
+        kind = "per_client" if "per_client" in settings else "fixed_total"
+        partitions[name] = {"kind": kind, **settings}
+    return {
+        "target_fraction": config["target_fraction"],
+        "datasets": {
+            name: {
+                "budget": ds["budget"],
+                "second_threshold": ds["second_threshold"],
+            }
+            for name, ds in config["datasets"].items()
         },
-        sort_keys=False,
-    )
+        "models": MODELS,
+        "algorithms": ALGORITHMS,
+        "partitions": partitions,
+        "clients": CLIENTS,
+        "seeds": SEEDS,
+        "cells": [
+            [
+                c["dataset"],
+                c["model"],
+                c["algorithm"],
+                c["partition"],
+                c["clients"],
+                c["seed"],
+            ]
+            for c in CELLS
+        ],
+    }
 
 
-REPORT_TABLES = [
-    f"{RESULTS}/tables/accuracy_at_budget.csv",
-    f"{RESULTS}/tables/rounds_to_target.csv",
+TABLES = ["accuracy_at_budget", "rounds_to_target", "seeds", "missing_cells"]
+REPORT_TABLES = [f"{RESULTS}/tables/{name}.csv" for name in TABLES]
+FIGURES = [
+    "accuracy_vs_clients",
+    "rounds_to_target",
+    "accuracy_per_round",
+    "drift",
+    "accuracy_vs_clients_by_partition",
+    "accuracy_vs_bytes",
 ]
-FIGURES = ["accuracy_vs_clients", "rounds_to_target", "accuracy_per_round"]
 
 
 def final_outputs():
@@ -621,7 +676,7 @@ def report_outputs():
             caption=f"../report/table_{name}.rst",
             category="Tables",
         )
-        for name in ("accuracy_at_budget", "rounds_to_target")
+        for name in TABLES
     }
     figures = {
         f"{name}_{ext}": report(
@@ -697,7 +752,7 @@ def check_cluster():
         else:
             wc = job.wildcards_dict
             if job.rule.name in ("train", "train_segment"):
-                name = f"training job {wc['dataset']}/{wc['model']}/K{wc['clients']}_seed{wc['seed']}"
+                name = f"training job {grid.cell_name(wc)}"
                 if "rounds" in wc:
                     name += f" (to round {wc['rounds']})"
             else:

@@ -3,9 +3,9 @@ rule partition:
         train=f"{RESULTS}/data/{{dataset}}/train.parquet",
         meta=f"{RESULTS}/data/{{dataset}}/meta.json",
     output:
-        f"{RESULTS}/shards/{{dataset}}/{{scheme}}_K{{clients}}_seed{{seed}}.parquet",
+        f"{RESULTS}/shards/{{dataset}}/{{partition}}_K{{clients}}_seed{{seed}}.parquet",
     log:
-        f"{RESULTS}/logs/partition/{{dataset}}/{{scheme}}_K{{clients}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/partition/{{dataset}}/{{partition}}_K{{clients}}_seed{{seed}}.log",
     conda:
         ENV
     resources:
@@ -14,12 +14,12 @@ rule partition:
         serial=1,
     params:
         data_dir=lambda wildcards, input: os.path.dirname(input.meta),
-        scheme=PARTITION["scheme"],
-        alpha=f"--alpha {PARTITION['alpha']}" if "alpha" in PARTITION else "",
+        # the partition's scheme and parameters (fedsweep.grid.partition_args)
+        args=lambda wildcards: grid.partition_args(config, wildcards.partition),
     shell:
         show_cause(
             OFFLINE_ENV
             + " fedsweep partition --data-dir {params.data_dir} --clients {wildcards.clients}"
-            " --seed {wildcards.seed} --scheme {params.scheme} {params.alpha}"
+            " --seed {wildcards.seed} {params.args}"
             " --out {output} > {log} 2>&1"
         )

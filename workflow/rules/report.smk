@@ -12,9 +12,9 @@ rule report_config:
     conda:
         ENV
     params:
-        text=report_config(),
-    shell:
-        show_cause("printf '%s' {params.text:q} > {output} 2> {log}")
+        config=report_config(),
+    script:
+        "../scripts/report_config.py"
 
 
 # Tables and figures of the whole grid: needs (and so schedules) every cell.
@@ -33,12 +33,8 @@ rule report:
         figures_dir=lambda wildcards, output: os.path.dirname(
             output.accuracy_vs_clients_png
         ),
-    shell:
-        show_cause(
-            OFFLINE_ENV
-            + " fedsweep report --metrics {input.metrics} --config {input.config}"
-            " --tables-dir {params.tables_dir} --figures-dir {params.figures_dir} > {log} 2>&1"
-        )
+    script:
+        "../scripts/report.py"
 
 
 # `snakemake figures`: the same tables and figures from whatever metrics.parquet exist now
@@ -62,12 +58,8 @@ rule figures:
         figures_dir=lambda wildcards, output: os.path.dirname(
             output.accuracy_vs_clients_png
         ),
-    shell:
-        show_cause(
-            OFFLINE_ENV
-            + " fedsweep report --metrics {params.metrics} --config {input.config}"
-            " --tables-dir {params.tables_dir} --figures-dir {params.figures_dir} > {log} 2>&1"
-        )
+    script:
+        "../scripts/report.py"
 
 
 ruleorder: report > figures

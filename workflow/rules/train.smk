@@ -12,12 +12,12 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        metrics=f"{RESULTS}/runs/{{dataset}}/{{model}}/K{{clients}}_seed{{seed}}/metrics.parquet",
-        summary=f"{RESULTS}/runs/{{dataset}}/{{model}}/K{{clients}}_seed{{seed}}/run.json",
+        metrics=f"{RESULTS}/runs/{CELL_PATH}/metrics.parquet",
+        summary=f"{RESULTS}/runs/{CELL_PATH}/run.json",
     log:
-        f"{RESULTS}/logs/train/{{dataset}}/{{model}}/K{{clients}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/train/{CELL_PATH}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{dataset}}/{{model}}/K{{clients}}_seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/train/{CELL_PATH}.tsv"
     conda:
         ENV
     threads: config["threads"]["train"]
@@ -44,11 +44,11 @@ rule train_segment:
     input:
         unpack(segment_inputs),
     output:
-        f"{RESULTS}/runs/{{dataset}}/{{model}}/K{{clients}}_seed{{seed}}/segments/r{{rounds}}.done",
+        f"{RESULTS}/runs/{CELL_PATH}/segments/r{{rounds}}.done",
     log:
-        f"{RESULTS}/logs/train/{{dataset}}/{{model}}/K{{clients}}_seed{{seed}}.r{{rounds}}.log",
+        f"{RESULTS}/logs/train/{CELL_PATH}.r{{rounds}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{dataset}}/{{model}}/K{{clients}}_seed{{seed}}.r{{rounds}}.tsv"
+        f"{RESULTS}/benchmarks/train/{CELL_PATH}.r{{rounds}}.tsv"
     conda:
         ENV
     threads: config["threads"]["train"]
