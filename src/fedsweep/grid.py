@@ -23,7 +23,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import FedsweepError
-from . import algorithm as algo
 
 # Keys of an algorithm or partition entry that choose cells rather than settings.
 RESTRICTIONS = ("models", "datasets")
@@ -76,6 +75,10 @@ def algorithm_spec(config: dict[str, Any], name: str) -> str:
 
 def check_algorithms(config: dict[str, Any]) -> None:
     """Each algorithm's settings, checked as `fedsweep train` would: one line naming the field."""
+    # Imported here: fedsweep.algorithm imports torch, and every Snakemake start (one per job on a
+    # cluster) imports this module; only the head node's checks need it.
+    from . import algorithm as algo
+
     for name, entry in algorithms(config).items():
         settings = _settings(entry)
         unknown = [k for k in settings if k not in algo.DEFAULTS or k == "algorithm"]

@@ -148,24 +148,13 @@ def _positions_of(config: dict[str, Any]) -> int | None:
 def _config_json(spec: str) -> dict[str, Any] | None:
     """The model's config.json, from a local folder, the bundled MiniLM or the hub cache; None
     when it is not on this machine yet (a hub model not downloaded)."""
-    from .models import MINILM_ALIASES, looks_like_local_path, minilm_path
+    from .cluster import config_json_path
+    from .models import MINILM_ALIASES, minilm_path
 
-    if spec in MINILM_ALIASES:
-        path = Path(minilm_path()) / "config.json"
-    elif looks_like_local_path(spec):
-        path = Path(os.path.expanduser(spec)) / "config.json"
-    else:
-        from .models import PAPER_MODELS
-
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(PAPER_MODELS.get(spec, spec), "config.json")
-        except Exception:  # an id the hub library rejects: fetch reports it with its reason
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+    # MiniLM through models.minilm_path, which says how to install its package when it is missing
+    path = Path(minilm_path()) / "config.json" if spec in MINILM_ALIASES else config_json_path(spec)
+    if path is None:
+        return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -748,6 +748,17 @@ def _accuracy_handles(styles: dict[str, dict], any_partial: bool, any_spread: bo
     return handles
 
 
+def _finish_accuracy_panel(ax, panel: pd.DataFrame, title: str, **title_style) -> None:
+    """Chance line, log2 K axis, title and y label of an accuracy-at-budget panel (or "no runs")."""
+    if panel.empty:
+        _no_runs(ax)
+        return
+    ax.axhline(panel["chance_accuracy"].mean(), ls="--", lw=1, color="0.35")
+    _log2_clients_axis(ax, sorted(panel["clients"].unique()))
+    ax.set_title(title, **title_style)
+    ax.set_ylabel("test accuracy at budget" if ax.get_subplotspec().is_first_col() else "")
+
+
 def plot_accuracy_vs_clients(accuracy: pd.DataFrame, settings: dict[str, DatasetSettings],
                              styles: dict[str, dict], title_note: str = "", missing: tuple[int, int] = (0, 0)
                              ) -> Figure:
@@ -766,13 +777,7 @@ def plot_accuracy_vs_clients(accuracy: pd.DataFrame, settings: dict[str, Dataset
                                               limits.budget, shift[key])
             any_partial |= partial
             any_spread |= spread
-        if panel.empty:
-            _no_runs(ax)
-            continue
-        ax.axhline(panel["chance_accuracy"].mean(), ls="--", lw=1, color="0.35")
-        _log2_clients_axis(ax, sorted(panel["clients"].unique()))
-        ax.set_title(_panel_title(dataset, limits, panel_model, None))
-        ax.set_ylabel("test accuracy at budget" if ax.get_subplotspec().is_first_col() else "")
+        _finish_accuracy_panel(ax, panel, _panel_title(dataset, limits, panel_model, None))
     _legend(fig, _accuracy_handles(styles, any_partial, any_spread))
     _suptitle(fig, "Test accuracy at the round budget vs number of clients" + title_note, *missing)
     return fig
@@ -802,14 +807,8 @@ def plot_accuracy_by_partition(accuracy: pd.DataFrame, settings: dict[str, Datas
                                               linestyles[partition])
             any_partial |= partial
             any_spread |= spread
-        if panel.empty:
-            _no_runs(ax)
-            continue
-        ax.axhline(panel["chance_accuracy"].mean(), ls="--", lw=1, color="0.35")
-        _log2_clients_axis(ax, sorted(panel["clients"].unique()))
-        ax.set_title(_panel_title(dataset, limits, panel_model, panel_algorithm if several_algorithms else None),
-                     fontsize=7)
-        ax.set_ylabel("test accuracy at budget" if ax.get_subplotspec().is_first_col() else "")
+        _finish_accuracy_panel(ax, panel, _panel_title(dataset, limits, panel_model,
+                                                        panel_algorithm if several_algorithms else None), fontsize=7)
     handles = _accuracy_handles({labels[p]: styles[p] for p in partitions}, any_partial, any_spread,
                                 {labels[p]: linestyles[p] for p in partitions})
     _legend(fig, handles)
