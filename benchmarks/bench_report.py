@@ -101,7 +101,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for (dataset, model, partition, algorithm, clients, seed), kept in zip(cells, keep):
             if kept:
-                write_cell(root / "runs" / dataset / model / partition / algorithm / f"K{clients}_seed{seed}",
+                write_cell(root / "runs" / dataset / model / algorithm / f"{partition}_K{clients}_seed{seed}",
                            dataset, model, partition, algorithm, clients, seed, a.rounds)
         report_config(root / "report_config.yaml", a.rounds, seeds)
         print(f"generated {int(keep.sum())} of {len(cells)} cells x {a.rounds + 1} rows in "
