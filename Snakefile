@@ -21,10 +21,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/partition.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/slurm.smk"
 
 
 # With the slurm executor: stop before any job when the cluster would hang or refuse the jobs
-# (workflow/rules/common.smk, check_cluster).
+# (workflow/rules/slurm.smk, check_cluster).
 onstart:
     check_cluster()
 

@@ -148,9 +148,10 @@ def clients(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from fedsweep.clients import ClientSettings, ControlVariateStore, FedProx, Scaffold, ClientUpdate
+    from fedsweep.clients import ClientSettings, FedProx, ClientUpdate
     from fedsweep.engine import FlatParameters
     from fedsweep.models import build_model
+    from fedsweep.scaffold import ControlVariateStore, Scaffold
 
     torch.set_num_threads(args.threads)
     model = build_model(args.model, 4, seed=0)
@@ -256,10 +257,11 @@ def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: in
     import torch
     import torch.nn.functional as F
 
-    from fedsweep.clients import ClientSettings, ClientUpdate, ControlVariateStore, Scaffold
+    from fedsweep.clients import ClientSettings, ClientUpdate
     from fedsweep.engine import PROTOCOLS, FlatParameters, batches_on_device, client_batches
     from fedsweep.models import build_model
     from fedsweep.rounds import Federation
+    from fedsweep.scaffold import ControlVariateStore, Scaffold
     from fedsweep.strategies import build_strategy
     from fedsweep.tokens import TokenTensors
 
@@ -400,10 +402,11 @@ def device(args) -> None:
     MiniLM-shaped model, against FedAvg's."""
     import torch
 
-    from fedsweep.clients import ClientSettings, ClientUpdate, ControlVariateStore, FedProx, Scaffold
+    from fedsweep.clients import ClientSettings, ClientUpdate, FedProx
     from fedsweep.engine import PROTOCOLS, FlatParameters
     from fedsweep.grouped import ClientGroups
     from fedsweep.rounds import Federation
+    from fedsweep.scaffold import ControlVariateStore, Scaffold
     from fedsweep.strategies import build_strategy
     from fedsweep.tokens import TokenTensors
     from fedsweep.train import precision_settings

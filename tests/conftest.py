@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 # Tests never touch the network: the hub is unreachable here, and must not be needed.
@@ -48,3 +50,30 @@ def synth_tokens(tmp_path_factory) -> Path:
                       "difficulty": 0.3, "seed": 1}, root / "data")
     tokenize(root / "data", "tiny-bert", 32, root / "tokens")
     return root
+
+
+@pytest.fixture(scope="session")
+def micro(synth_tokens, tmp_path_factory):
+    """The synthetic tokens, a micro BERT saved without dropout, and shard files."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedsweep.partition import iid_shards, write_shards
+
+    root = tmp_path_factory.mktemp("micro")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=4, initializer_range=0.1,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    perm = np.random.default_rng(7).permutation(256)
+    shards = {
+        "k1": [perm[:96]],
+        "k3": [perm[:40], perm[40:104], perm[104:200]],  # unequal: 40, 64, 96 rows
+        "k4": iid_shards(256, 4, 0),
+    }
+    paths = {}
+    for name, parts in shards.items():
+        paths[name] = str(root / f"{name}.parquet")
+        write_shards(paths[name], parts, {"scheme": "manual", "seed": 0, "train_rows": 256})
+    return SimpleNamespace(tokens=synth_tokens / "tokens", model=str(root / "model"), shards=shards, **paths)

@@ -30,58 +30,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from algorithm_cases import ALGORITHMS
+
 from fedsweep import FedsweepError
 from fedsweep.cli import main
 from fedsweep.engine import PROTOCOLS, FlatParameters, client_batches, derive_seed
-from fedsweep.partition import iid_shards, write_shards
 from fedsweep.train import TrainConfig, run
 
 TIMING = ["train_seconds", "aggregate_seconds", "eval_seconds", "peak_memory_bytes"]  # differ run to run
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-# name -> settings: every strategy, every client update, both optimisers, schedules, sampling.
-ALGORITHMS = {
-    "fedavg": {},
-    "fedavgm": {"strategy": "fedavgm", "server_lr": 0.7, "server_momentum": 0.9},
-    "fedadam": {"strategy": "fedadam", "server_lr": 0.01, "tau": 1e-3},
-    "fedyogi": {"strategy": "fedyogi", "server_lr": 0.01, "beta2": 0.9, "tau": 1e-3},
-    "fedadagrad": {"strategy": "fedadagrad", "server_lr": 0.01, "beta1": 0.5, "tau": 1e-2},
-    "fedprox": {"client": "fedprox", "mu": 0.5},
-    "scaffold": {"client": "scaffold"},
-    "adamw": {"client_optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "adam_beta2": 0.99,
-              "lr_schedule": "linear", "warmup_rounds": 1},
-    "sampled-scaffold-fedavgm": {"clients_per_round": 2, "client": "scaffold", "strategy": "fedavgm",
-                                 "server_lr": 1.0, "server_momentum": 0.5, "lr_schedule": "constant",
-                                 "warmup_rounds": 2},
-    "sampled-prox-adamw-fedadam": {"client_fraction": 0.5, "client": "fedprox", "mu": 0.1,
-                                   "client_optimizer": "adamw", "lr": 2e-3, "strategy": "fedadam",
-                                   "server_lr": 0.01},
-}
-
-
-@pytest.fixture(scope="module")
-def micro(synth_tokens, tmp_path_factory):
-    """The synthetic tokens, a micro BERT saved without dropout, and shard files."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    root = tmp_path_factory.mktemp("micro")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, num_labels=4, initializer_range=0.1,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(config).save_pretrained(root / "model")
-    perm = np.random.default_rng(7).permutation(256)
-    shards = {
-        "k1": [perm[:96]],
-        "k3": [perm[:40], perm[40:104], perm[104:200]],  # unequal: 40, 64, 96 rows
-        "k4": iid_shards(256, 4, 0),
-    }
-    paths = {}
-    for name, parts in shards.items():
-        paths[name] = str(root / f"{name}.parquet")
-        write_shards(paths[name], parts, {"scheme": "manual", "seed": 0, "train_rows": 256})
-    return SimpleNamespace(tokens=synth_tokens / "tokens", model=str(root / "model"), shards=shards, **paths)
-
 
 def _cfg(m, out: Path, shards: str = "k3", **kw) -> TrainConfig:
     base = dict(tokens_dir=str(m.tokens), shards=getattr(m, shards), model=m.model, out_dir=str(out), rounds=3,
@@ -372,8 +329,9 @@ def test_scaffold_reaches_the_centralised_optimum_where_fedavg_drifts(tmp_path):
     """Strongly convex problem, 4 clients with label-skewed shards (two hold almost only class 0,
     two only class 1), 10 full-batch local steps per round: FedAvg converges to a point ~30% away
     from the optimum (client drift); SCAFFOLD to the optimum, to fp32 precision."""
-    from fedsweep.clients import ClientSettings, ClientUpdate, ControlVariateStore, Scaffold
+    from fedsweep.clients import ClientSettings, ClientUpdate
     from fedsweep.rounds import Federation
+    from fedsweep.scaffold import ControlVariateStore, Scaffold
     from fedsweep.strategies import build_strategy
     from fedsweep.tokens import TokenTensors
 
@@ -466,14 +424,15 @@ def test_killed_mid_round_resumes_bitwise(micro, tmp_path, monkeypatch, name):
             assert (out / "scaffold" / f).read_bytes() == (tmp_path / "straight" / "scaffold" / f).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sampled-scaffold-fedavgm", "sampled-prox-adamw-fedadam"])
 def test_sigkill_mid_round_resumes_bitwise(micro, tmp_path, name):
     """A real SIGKILL while round 3 trains (10 local epochs make a round long enough to land in)."""
     settings = {**ALGORITHMS[name], "algorithm": name}
-    spec = json.dumps({k: v for k, v in settings.items() if k != "lr"})
+    spec = json.dumps({k: v for k, v in settings.items() if k not in ("lr", "algorithm")})
     args = ["train", "--tokens-dir", str(micro.tokens), "--shards", micro.k4, "--model", micro.model,
             "--rounds", "5", "--epochs", "20", "--batch-size", "16", "--lr", str(settings.get("lr", 0.05)),
-            "--progress", "lines", "--algorithm-spec", spec]
+            "--progress", "lines", "--algorithm", name, "--settings", spec]
     straight = tmp_path / "straight"
     assert main([*args, "--out-dir", str(straight)]) == 0
     killed = tmp_path / "killed"
@@ -647,18 +606,18 @@ def test_cli_algorithm_options_and_spec(micro, tmp_path, capsys):
     spec = json.dumps({"strategy": "fedyogi", "server_lr": 0.01, "beta2": 0.9, "clients_per_round": 2,
                        "client": "fedprox", "mu": 0.1})
     assert main([*base, *flags, "--out-dir", str(tmp_path / "flags")]) == 0
-    assert main([*base, "--algorithm", "yogi", "--algorithm-spec", spec, "--out-dir", str(tmp_path / "spec")]) == 0
+    assert main([*base, "--algorithm", "yogi", "--settings", spec, "--out-dir", str(tmp_path / "spec")]) == 0
     assert torch.equal(_weights(tmp_path / "flags"), _weights(tmp_path / "spec"))
     summary = json.loads((tmp_path / "spec" / "run.json").read_text())
     assert summary["algorithm"]["strategy"] == "fedyogi" and summary["algorithm"]["clients_each_round"] == 2
     assert pd.read_parquet(tmp_path / "spec" / "metrics.parquet")["algorithm"].eq("yogi").all()
     capsys.readouterr()
-    assert main([*base, "--algorithm-spec", "{strategy: fedyogi, server_lr: 0.01, momentum: 0.9}",
+    assert main([*base, "--settings", "{strategy: fedyogi, server_lr: 0.01, momentum: 0.9}",
                  "--out-dir", str(tmp_path / "x")]) == 2
-    assert capsys.readouterr().err.startswith("fedsweep: error: --algorithm-spec: unknown key 'momentum'")
-    assert main([*base, "--strategy", "fedadam", "--algorithm-spec", "{strategy: fedyogi}",
+    assert capsys.readouterr().err.startswith("fedsweep: error: --settings: unknown key 'momentum'")
+    assert main([*base, "--strategy", "fedadam", "--settings", "{strategy: fedyogi}",
                  "--out-dir", str(tmp_path / "x")]) == 2
-    assert "--algorithm-spec: strategy='fedyogi' conflicts with --strategy 'fedadam'" in capsys.readouterr().err
+    assert "--settings: strategy='fedyogi' conflicts with --strategy 'fedadam'" in capsys.readouterr().err
     assert main([*base, "--strategy", "fedadam", "--out-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedsweep: error: train: server_lr=None must be set for strategy='fedadam'")

@@ -2,9 +2,12 @@
 
 A corpus of broken configs (schema and cross-field mistakes, NaN/inf, empty specs, bad
 results_dir, local data files that are missing or too small for K, local model folders that are
-missing or too short for max_length). Each case runs `snakemake --cores 1` (not a dry run: the
-error must come before any job could start) in a fresh copy of the workflow and checks that it
-fails, prints exactly the expected `config: ...` line, starts no job and leaves no output.
+missing or too short for max_length). Every case runs in-process through the config layer
+(fedsweep.config.load, what the Snakefile calls before any job) and must raise exactly the
+expected `config: ...` line. A few cases go through the wiring too: a real `snakemake --cores 1`
+(not a dry run: the error must come before any job could start) in a fresh copy of the workflow
+prints the same line, starts no job and leaves no output, and `fedsweep check` and `fedsweep
+cluster-check` print the same line.
 
 Then: editing a local data file (or a local model folder) after a finished run reruns exactly
 what depends on it.
@@ -14,13 +17,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import copy_workflow, job_counts, snakemake, write_config
+from helpers import copy_workflow, job_counts, snakemake, write_config
+
+from fedsweep import FedsweepError
+from fedsweep.cli import main
+from fedsweep.config import load
 
 
 def base_config() -> dict:
@@ -262,23 +268,19 @@ CASES = [
 ]
 
 
-def _run_case(root: Path, case_id: str, change) -> tuple[int, str, Path]:
-    work = copy_workflow(root / case_id)
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A folder with the data files and model folders the cases point at (see write_inputs)."""
+    work = tmp_path_factory.mktemp("config_errors")
     write_inputs(work)
+    return work
+
+
+def _broken(case_id: str) -> dict:
+    change = {c[0]: c[1] for c in CASES}[case_id]
     config = base_config()
     change(config)
-    write_config(work / "config/bad.yaml", config)
-    proc = snakemake(work, "--cores", "1", "--configfile", "config/bad.yaml", check=False, timeout=180)
-    return proc.returncode, proc.stdout + proc.stderr, work
-
-
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    """Every case run once, three at a time (each is a separate Snakemake process)."""
-    root = tmp_path_factory.mktemp("config_errors")
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {cid: pool.submit(_run_case, root, cid, change) for cid, change, _ in CASES}
-        return {cid: f.result() for cid, f in futures.items()}
+    return config
 
 
 def test_corpus_is_large_enough():
@@ -286,17 +288,37 @@ def test_corpus_is_large_enough():
 
 
 @pytest.mark.parametrize("case_id, expected", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
-def test_broken_config_stops_before_any_job(outcomes, case_id, expected):
-    rc, out, work = outcomes[case_id]
-    assert rc != 0, out
-    lines = [line for line in out.splitlines() if line.startswith("config: ")]
-    assert len(lines) == 1, out
-    if expected is not None:
-        assert lines[0] == expected.replace(W, str(work)), out
+def test_broken_config_is_one_line_before_any_job(inputs, monkeypatch, case_id, expected):
+    monkeypatch.chdir(inputs)  # where snakemake runs: relative paths start here
+    before = sorted(inputs.rglob("*"))
+    with pytest.raises(FedsweepError) as err:
+        load(_broken(case_id), inputs)
+    assert str(err.value) == expected.replace(W, str(inputs))
+    assert sorted(inputs.rglob("*")) == before  # nothing written
+
+
+# Through the wiring: the Snakefile, `fedsweep check` and `fedsweep cluster-check` (before it asks
+# SLURM anything) print the config layer's line, identically.
+WIRED = ["unknown-top-key", "lr-negative", "clients-repeated", "local-missing-file", "model-dir-missing"]
+
+
+@pytest.mark.parametrize("case_id", WIRED)
+def test_snakemake_and_the_checks_print_the_same_line(tmp_path, monkeypatch, capsys, case_id):
+    expected = dict((c[0], c[2]) for c in CASES)[case_id]
+    work = copy_workflow(tmp_path / "wf")
+    write_inputs(work)
+    write_config(work / "config/bad.yaml", _broken(case_id))
+    proc = snakemake(work, "--cores", "1", "--configfile", "config/bad.yaml", check=False, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert [line for line in out.splitlines() if line.startswith("config: ")] == [expected.replace(W, str(work))], out
     assert "Job stats:" not in out and "localrule " not in out and "\nrule " not in out, out
-    # nothing written: no results folder (or only what the case made itself) and no job logs
-    leftovers = [p for p in work.rglob("*") if p.is_file() and p.parts[len(work.parts)] == "results"]
-    assert leftovers == [], leftovers
+    assert not (work / "results").exists()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM here: cluster-check must stop at the config first
+    for command in ("check", "cluster-check"):
+        assert main([command, "--configfile", "config/bad.yaml"]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"fedsweep: error: {expected.replace(W, str(work))}"]
 
 
 # ----------------------------------------------------------------------------- changed inputs rerun
@@ -361,7 +383,7 @@ def test_changed_local_data_or_model_reruns_exactly_what_depends_on_it(tmp_path)
 
 def test_schema_mirrors_the_spec_keys_of_every_source():
     """The config schema's per-source spec keys are exactly those `fedsweep prepare` accepts."""
-    from fedsweep.data import SPEC_KEYS
+    from fedsweep.dataspec import SPEC_KEYS
 
     root = Path(__file__).resolve().parents[1]
     schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())

@@ -17,7 +17,8 @@ import pytest
 
 from fedsweep import FedsweepError
 from fedsweep.cli import main
-from fedsweep.data import count_local_rows, load_frames, local_files, prepare
+from fedsweep.data import load_frames, prepare
+from fedsweep.dataspec import count_local_rows, local_files
 
 from conftest import shared_data
 

@@ -9,14 +9,15 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from fedsweep.partition import iid_shards, write_shards
-from test_algorithms import micro  # noqa: F401  (the fixture: a micro BERT and its shards)
 
 TIMING = ["train_seconds", "aggregate_seconds", "eval_seconds", "peak_memory_bytes"]  # differ run to run
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(synth_tokens, tmp_path):
     shards = tmp_path / "k4.parquet"
     write_shards(shards, iid_shards(256, 4, 0), {"scheme": "iid", "seed": 0, "train_rows": 256})
@@ -57,6 +58,7 @@ if torch.distributed.is_initialized():
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_for_every_algorithm(micro, tmp_path):
     """Every algorithm of tests/test_algorithms.py (server strategies and their state, FedProx, SCAFFOLD
     with its control-variate files written by both ranks, AdamW clients, schedules, sampling) on 2 gloo
@@ -73,7 +75,7 @@ def test_two_ranks_equal_one_process_for_every_algorithm(micro, tmp_path):
     float32 rounding boundary: with server momentum, sampling and SCAFFOLD 1 element of 492,000
     differed in round 3 of one configuration (and later rounds then differ by ~1e-8 relative).
     So: bitwise for all but one configuration, which must agree to 1e-5."""
-    from test_algorithms import ALGORITHMS
+    from algorithm_cases import ALGORITHMS
 
     def configs(world: str) -> str:
         return json.dumps([

@@ -47,8 +47,8 @@ def test_restrictions_and_model_seeds_pick_the_cells():
     weak = [c for c in cells if c["partition"] == "weak"]
     assert {(c["dataset"], c["model"], c["algorithm"]) for c in weak} == {("films", "big", "fedavg")}
     assert grid.train_rows(cfg, "weak", 4, 1000) == 64 and grid.train_rows(cfg, "iid", 4, 1000) == 1000
-    assert grid.algorithm_spec(cfg, "prox") == '{"client":"fedprox","mu":0.1}'  # restrictions are not settings
-    assert grid.algorithm_spec(cfg, "fedavg") == "{}"
+    assert grid.algorithm_settings(cfg, "prox") == {"client": "fedprox", "mu": 0.1}  # restrictions are not settings
+    assert grid.algorithm_settings(cfg, "fedavg") == {}
     assert grid.partition_args(cfg, "weak") == "--scheme iid --per-client 16"
 
 
@@ -65,7 +65,7 @@ def test_overrides_match_algorithm_and_partition():
 
 @pytest.mark.parametrize("extra, message", [
     ({"algorithms": {"x": {"strategy": "fedyogi"}}}, "algorithms.x.server_lr=None must be set"),
-    ({"algorithms": {"x": {"momentum": 0.9}}}, "algorithms.x: unknown setting 'momentum'"),
+    ({"algorithms": {"x": {"momentum": 0.9}}}, "algorithms.x.momentum: unknown setting (known: strategy, server_lr"),
     ({"algorithms": {"x": {"server_momentum": 0.9}}},
      "algorithms.x.server_momentum=0.9 is a setting of strategy fedavgm, not of strategy='fedavg'"),
     ({"partitions": {"p": {"scheme": "dirichlet"}}}, "partitions.p.alpha is required with partitions.p.scheme=dirichlet"),
@@ -90,3 +90,19 @@ def test_a_grid_without_cells_is_an_error():
                  partitions={"p": {"scheme": "iid", "datasets": "films"}})
     with pytest.raises(FedsweepError, match="the grid has no cells"):
         grid.check(cfg)
+
+
+def test_algorithms_restricted_to_partitions_and_clients():
+    """SCAFFOLD on the skewed partition only, and neither of them at K=1 (the centralised baseline
+    is the fedavg/iid cell whatever the partition)."""
+    cfg = config(clients=[1, 2, 4], algorithms={"fedavg": {}, "scaffold": {"client": "scaffold",
+                                                                        "partitions": "skew", "clients": [2, 4]}},
+                 partitions={"iid": {"scheme": "iid"}, "skew": {"scheme": "dirichlet", "alpha": 0.3, "clients": [2, 4]}})
+    grid.check(cfg)
+    cells = {(c["algorithm"], c["partition"], c["clients"]) for c in grid.cells(cfg)}
+    assert cells == {("fedavg", "iid", 1), ("fedavg", "iid", 2), ("fedavg", "iid", 4), ("fedavg", "skew", 2),
+                     ("fedavg", "skew", 4), ("scaffold", "skew", 2), ("scaffold", "skew", 4)}
+    with pytest.raises(FedsweepError, match=r"algorithms.x.partitions: 'nope' is not in the config's partitions"):
+        grid.check(config(algorithms={"x": {"partitions": "nope"}}))
+    with pytest.raises(FedsweepError, match=r"partitions.p.clients: 8 is not in the config's clients \(1, 4\)"):
+        grid.check(config(partitions={"p": {"scheme": "iid", "clients": 8}}))

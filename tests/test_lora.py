@@ -294,7 +294,7 @@ def test_fedit_checkpoint_is_adapter_sized(synth_tokens, tmp_path):
     ({"method": "lora", "dropout": 1.5}, "--peft: dropout=1.5 must be a number in [0, 1)"),
     ({"method": "lora", "aggregation": "mean"}, "--peft: aggregation='mean' is not one of fedit, ffa, exact"),
     ({"method": "lora", "base_dtype": "int4"}, "--peft: base_dtype='int4' (bitsandbytes quantisation)"),
-    ({"method": "lora", "target_modules": []}, "--peft: target_modules=[] must be a non-empty list"),
+    ({"method": "lora", "target_modules": []}, "--peft: target_modules=[] must be a name or a non-empty list of names"),
     ({"method": "prefix"}, "--peft: method='prefix' is not one of none, lora"),
     ({"method": "none", "r": 4}, "--peft: r=4 is a LoRA setting, but method=none"),
     ({"method": "lora", "rank": 4}, "--peft: unknown key 'rank'"),
@@ -322,6 +322,7 @@ def test_the_config_hash_of_full_fine_tuning_is_unchanged(synth_tokens, tmp_path
     assert lora.parse({"method": "lora", "target_modules": "q_proj"}).target_modules == ("q_proj",)
 
 
+@pytest.mark.slow
 def test_exact_lora_on_two_ranks_equals_one_process(synth_tokens, tmp_path):
     """torchrun, 2 processes (gloo): the clients' products are all-reduced like the average, so
     both ranks add the same residual; the result is the single process's to float64 summation order."""

@@ -38,6 +38,7 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_hub_model_from_cache_with_network_blocked(synth_tokens, tmp_path):
     _fake_hub_cache(tmp_path / "cache", "fedsweep-test/tiny-bert")
     env = _offline_env(tmp_path)

@@ -171,17 +171,17 @@ def test_cli_writes_scheme_metadata(data_dir, tmp_path, capsys, flags, info):
 
 @pytest.mark.parametrize("flags, message", [
     (["--scheme", "zipf"], "partition: --scheme zipf is not one of iid, dirichlet, shards, quantity_skew"),
-    (["--scheme", "dirichlet"], "partition: --scheme dirichlet needs --alpha"),
-    (["--scheme", "dirichlet", "--alpha", "-1"], "partition: --alpha -1.0 must be > 0"),
-    (["--scheme", "iid", "--alpha", "0.5"], "partition: --alpha 0.5 is not used by --scheme iid"),
-    (["--scheme", "shards", "--classes-per-client", "0"], "partition: --classes-per-client 0 must be > 0"),
-    (["--scheme", "iid", "--classes-per-client", "2"], "partition: --classes-per-client 2 is not used by"),
+    (["--scheme", "dirichlet"], "partition: --alpha is required with --scheme dirichlet"),
+    (["--scheme", "dirichlet", "--alpha", "-1"], "partition: --alpha -1.0 must be a positive number"),
+    (["--scheme", "iid", "--alpha", "0.5"], "partition: --alpha 0.5 is only used with --scheme dirichlet / quantity_skew"),
+    (["--scheme", "shards", "--classes-per-client", "0"], "partition: --classes-per-client 0 must be a positive integer"),
+    (["--scheme", "iid", "--classes-per-client", "2"], "partition: --classes-per-client 2 is only used with --scheme shards"),
     (["--scheme", "quantity_skew", "--size-distribution", "lognormal"],
-     "partition: --scheme quantity_skew --size-distribution lognormal needs --sigma"),
+     "partition: --sigma is required with --size-distribution lognormal"),
     (["--scheme", "quantity_skew", "--size-distribution", "pareto"], "partition: --size-distribution pareto is not"),
     (["--scheme", "iid", "--size-distribution", "lognormal"],
-     "partition: --size-distribution lognormal is only used with"),
-    (["--per-client", "0"], "partition: --per-client 0 must be an integer >= 1"),
+     "partition: --size-distribution lognormal is only used with --scheme quantity_skew"),
+    (["--per-client", "0"], "partition: --per-client 0 must be a positive integer"),
     (["--per-client", "60"], "partition: per_client=60 x K=4 needs 240 rows; the data set has 200"),
 ])
 def test_cli_bad_flags_are_one_line(data_dir, tmp_path, capsys, flags, message):

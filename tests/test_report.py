@@ -229,7 +229,7 @@ def test_datasets_sidecar_names_the_classes_from_run_json(tmp_path):
     """tables/datasets.json: each data set's label mapping, from the run.json beside its metrics."""
     import json
 
-    from fedsweep.report import dataset_labels
+    from fedsweep.report.load import dataset_labels
 
     run = tmp_path / "runs" / "news" / "tiny" / "K1_seed0"
     run.mkdir(parents=True)
@@ -311,7 +311,7 @@ def constant(value):
 
 
 def test_seed_summary_matches_hand_computation():
-    from fedsweep.report import binomial_se, seed_summary
+    from fedsweep.report.analysis import binomial_se, seed_summary
 
     summary = seed_summary([0.80, 0.84, 0.82])
     half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t(0.975, 2 degrees of freedom) x s / sqrt(n)
@@ -470,7 +470,7 @@ def test_grid_from_the_configs_cell_list(tmp_path):
 
 
 def test_communicated_bytes_accumulate_over_rounds_even_when_rounds_are_skipped():
-    from fedsweep.report import communicated_bytes
+    from fedsweep.report.analysis import communicated_bytes
 
     # one cell evaluated every 2 rounds (rows 0, 2, 4), 100 bytes up and 100 down per round;
     # one from before fedsweep counted bytes (no curve)
@@ -480,3 +480,44 @@ def test_communicated_bytes_accumulate_over_rounds_even_when_rounds_are_skipped(
         "download_bytes": [0, 100, 100, None, None], "source": ["a", "a", "a", "old", "old"]})
     curves = communicated_bytes(frame)
     assert curves["bytes"].tolist() == [0, 400, 800] and curves["test_accuracy"].tolist() == [0.25, 0.5, 0.75]
+
+
+def test_import_names_the_outputs_without_heavy_modules():
+    """The Snakemake head node imports fedsweep.report for the output names: nothing heavy comes with it."""
+    import subprocess
+    import sys
+
+    heavy = ("pandas", "matplotlib", "seaborn", "scipy", "numpy", "torch", "pyarrow")
+    code = ("import sys, fedsweep.report as r; "
+            "assert r.TABLES and r.FIGURES and r.output_paths('t', 'f'); "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_registries_resolve_and_have_captions():
+    """Every registered table and figure is a function of tables.py / figures.py with a caption
+    file, and every caption file is registered."""
+    from pathlib import Path
+
+    from fedsweep import report
+    from fedsweep.report import figures, tables
+
+    captions = Path(__file__).resolve().parents[1] / "workflow" / "report"
+    assert report.TABLES == TABLES and report.FIGURES == FIGURES
+    for kind, names, module, function in (("table", report.TABLES, tables, report.table_function),
+                                          ("figure", report.FIGURES, figures, report.figure_function)):
+        for name in names:
+            assert callable(function(name)) and function(name).__module__ == module.__name__, (kind, name)
+            assert (captions / f"{kind}_{name}.rst").is_file(), (kind, name)
+        captioned = {path.name[len(kind) + 1:-len(".rst")] for path in captions.glob(f"{kind}_*.rst")}
+        assert captioned == set(names), kind
+
+
+def test_output_paths_are_what_make_report_writes(report):
+    from fedsweep.report import output_paths
+
+    tmp = report["tmp"]
+    expected = output_paths(tmp / "tables", tmp / "figures")
+    assert list(report["outputs"].items()) == list(expected.items())
+    assert all(path.is_file() for path in expected.values())

@@ -66,6 +66,7 @@ def test_eval_every_and_extension_resumes(synth_tokens, tmp_path):
     pd.testing.assert_frame_equal(longer.drop(columns=TIMING), straight.drop(columns=TIMING))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_round_gives_identical_metrics(synth_tokens, tmp_path):
     args = ["--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 4),
             "--model", "tiny-bert", "--rounds", "5", "--epochs", "1", "--batch-size", "16", "--lr", "0.05",

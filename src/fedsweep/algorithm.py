@@ -1,106 +1,96 @@
-"""A cell's federated algorithm: its settings (fields of ``TrainConfig``), their checks, and what
-they build (the server strategy of :mod:`fedsweep.strategies`, the client update of
-:mod:`fedsweep.clients`, the client sampling of :mod:`fedsweep.rounds`).
+"""A cell's federated algorithm: its settings, declared once, and the rules between them.
+
+What the settings build lives with the torch code: the server strategy (:mod:`fedsweep.strategies`,
+``STRATEGIES``), the client update (:mod:`fedsweep.clients`, ``CLIENT_UPDATES``) and the client
+sampling (:mod:`fedsweep.rounds`). Which settings each strategy and client update reads is
+declared here (:data:`STRATEGY_SETTINGS`, :data:`CLIENT_SETTINGS`), so that a config is checked
+on the head node without torch; ``tests/test_settings.py`` asserts that the registries of the
+torch modules hold exactly these names.
 
 The defaults are FedAvg as fedsweep always ran it: every client every round, plain local SGD at a
 constant lr, the size-weighted average. Settings at their default are left out of the config hash,
 so checkpoints of earlier versions resume; every other setting is in it.
+
+Adding a server strategy with one new setting: its class in strategies.py, its name and settings
+in :data:`STRATEGY_SETTINGS` (and the new :class:`Setting` in :data:`SETTINGS`), the schema's
+enum and property, a test.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Any
+from typing import Any, Callable
 
 from . import FedsweepError
-from .clients import CLIENT_OPTIMIZERS, CLIENT_UPDATES, LR_SCHEDULES, ClientSettings
-from .strategies import STRATEGIES, AdaptiveStrategy
+from .settings import Setting, table
 
-# TrainConfig field -> default. The order is the order of the descriptions.
-DEFAULTS: dict[str, Any] = {
-    "algorithm": "fedavg",  # the slug: a name, recorded and used as a path level by the workflow
-    "strategy": "fedavg",
-    "server_lr": None,
-    "server_momentum": 0.0,
-    "beta1": 0.9,
-    "beta2": 0.99,
-    "tau": 1e-3,
-    "client": "plain",
-    "mu": 0.0,
-    "client_optimizer": "sgd",
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_eps": 1e-8,
-    "weight_decay": 0.0,
-    "lr_schedule": "constant",
-    "warmup_rounds": 0,
-    "clients_per_round": 0,
-    "client_fraction": 1.0,
+# Server strategy -> the settings it reads (Reddi et al. 2021; README "Algorithms").
+STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedavgm": ("server_lr", "server_momentum"),
+    "fedadam": ("server_lr", "beta1", "beta2", "tau"),
+    "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
+    "fedadagrad": ("server_lr", "beta1", "tau"),  # no second-moment decay: v sums every delta^2
 }
-SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-ADAPTIVE = tuple(name for name, cls in STRATEGIES.items() if issubclass(cls, AdaptiveStrategy))
+# The strategies with a learning rate that has no sensible default (Reddi et al. tune it per task).
+NEEDS_SERVER_LR = ("fedadam", "fedyogi", "fedadagrad")
+# Client update -> the settings it reads (beyond the local optimiser's).
+CLIENT_SETTINGS: dict[str, tuple[str, ...]] = {"plain": (), "fedprox": ("mu",), "scaffold": ()}
+CLIENT_OPTIMIZERS = ("sgd", "adamw")
 ADAM_FIELDS = ("adam_beta1", "adam_beta2", "adam_eps", "weight_decay")
+LR_SCHEDULES = ("constant", "linear")
+
+_UNIT = dict(low=0, high=1, high_open=True)  # [0, 1)
+SETTINGS = table([
+    Setting("strategy", "fedavg", "string", "the server step on the pseudo-gradient",
+            choices=tuple(STRATEGY_SETTINGS)),
+    Setting("server_lr", None, "number", "server learning rate (fedavgm: default 1; fedadam/fedyogi/fedadagrad: "
+            "required)", low=0, low_open=True, nullable=True),
+    Setting("server_momentum", 0.0, "number", "fedavgm: server momentum", **_UNIT),
+    Setting("beta1", 0.9, "number", "fedadam/fedyogi/fedadagrad: first-moment decay", **_UNIT),
+    Setting("beta2", 0.99, "number", "fedadam/fedyogi: second-moment decay", **_UNIT),
+    Setting("tau", 1e-3, "number", "fedadam/fedyogi/fedadagrad: adaptivity; v starts at tau^2", low=0,
+            low_open=True),
+    Setting("client", "plain", "string", "the client update (scaffold keeps K control variates on disk)",
+            choices=tuple(CLIENT_SETTINGS)),
+    Setting("mu", 0.0, "number", "fedprox: the proximal term's weight", low=0),
+    Setting("client_optimizer", "sgd", "string", "the clients' local optimiser (adamw: state reset every "
+            "round)", choices=CLIENT_OPTIMIZERS),
+    Setting("adam_beta1", 0.9, "number", "adamw: first-moment decay", **_UNIT),
+    Setting("adam_beta2", 0.999, "number", "adamw: second-moment decay", **_UNIT),
+    Setting("adam_eps", 1e-8, "number", "adamw: epsilon", low=0, low_open=True),
+    Setting("weight_decay", 0.0, "number", "adamw: decoupled weight decay", low=0),
+    Setting("lr_schedule", "constant", "string", "the client lr over rounds: constant, or linear warmup then "
+            "decay", choices=LR_SCHEDULES),
+    Setting("warmup_rounds", 0, "integer", "linear warmup of the client lr over this many rounds", low=0),
+    Setting("clients_per_round", 0, "integer", "clients sampled per round (uniform without replacement, "
+            "seeded); 0 = all", low=0),
+    Setting("client_fraction", 1.0, "number", "or the fraction of the clients sampled per round", low=0,
+            high=1, low_open=True),
+])
+# Setting -> default, with the slug first (a name, recorded and used as a path level).
+DEFAULTS: dict[str, Any] = {"algorithm": "fedavg", **{name: s.default for name, s in SETTINGS.items()}}
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate(cfg: Any) -> None:
-    """Check the algorithm fields of ``cfg`` (a TrainConfig); one-line FedsweepError naming the field."""
+def check_rules(cfg: Any, where: Callable[[str], str]) -> None:
+    """The rules between the algorithm settings of ``cfg`` (each value already checked on its own):
+    a setting the chosen strategy or client does not read is refused unless it is at its default
+    (a typo'd strategy, a forgotten client), and pairs that exclude each other. One line naming
+    the field; ``where(name)`` names it (``train: mu``, ``algorithms.prox.mu``)."""
 
     def bad(name: str, why: str) -> FedsweepError:
-        return FedsweepError(f"train: {name}={getattr(cfg, name)!r} {why}")
+        return FedsweepError(f"{where(name)}={getattr(cfg, name)!r} {why}")
 
-    if not isinstance(cfg.algorithm, str) or not SLUG.match(cfg.algorithm):
-        raise bad("algorithm", "must be a slug: letters, digits, '_', '.', '+', '-' (not first), at most 64")
-    if cfg.strategy not in STRATEGIES:
-        raise bad("strategy", f"is not one of {', '.join(STRATEGIES)}")
-    if cfg.client not in CLIENT_UPDATES:
-        raise bad("client", f"is not one of {', '.join(CLIENT_UPDATES)}")
-    if cfg.client_optimizer not in CLIENT_OPTIMIZERS:
-        raise bad("client_optimizer", f"is not one of {', '.join(CLIENT_OPTIMIZERS)}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise bad("lr_schedule", f"is not one of {', '.join(LR_SCHEDULES)}")
-
-    checks = {  # field: (valid?, what it must be)
-        "server_lr": (cfg.server_lr is None or (_number(cfg.server_lr) and cfg.server_lr > 0), "a positive number"),
-        "server_momentum": (_number(cfg.server_momentum) and 0 <= cfg.server_momentum < 1, "a number in [0, 1)"),
-        "beta1": (_number(cfg.beta1) and 0 <= cfg.beta1 < 1, "a number in [0, 1)"),
-        "beta2": (_number(cfg.beta2) and 0 <= cfg.beta2 < 1, "a number in [0, 1)"),
-        "tau": (_number(cfg.tau) and cfg.tau > 0, "a positive number"),
-        "mu": (_number(cfg.mu) and cfg.mu >= 0, "a number >= 0"),
-        "adam_beta1": (_number(cfg.adam_beta1) and 0 <= cfg.adam_beta1 < 1, "a number in [0, 1)"),
-        "adam_beta2": (_number(cfg.adam_beta2) and 0 <= cfg.adam_beta2 < 1, "a number in [0, 1)"),
-        "adam_eps": (_number(cfg.adam_eps) and cfg.adam_eps > 0, "a positive number"),
-        "weight_decay": (_number(cfg.weight_decay) and cfg.weight_decay >= 0, "a number >= 0"),
-        "warmup_rounds": (_integer(cfg.warmup_rounds) and cfg.warmup_rounds >= 0, "an integer >= 0"),
-        "clients_per_round": (_integer(cfg.clients_per_round) and cfg.clients_per_round >= 0,
-                              "an integer >= 0 (0 = every client)"),
-        "client_fraction": (_number(cfg.client_fraction) and 0 < cfg.client_fraction <= 1, "a number in (0, 1]"),
-    }
-    for name, (ok, what) in checks.items():
-        if not ok:
-            raise bad(name, f"must be {what}")
-
-    # A setting the chosen algorithm does not read is a mistake (a typo'd strategy, a forgotten
-    # client): refused unless it is at its default, which is the same as not setting it.
-    strategy_fields = set(STRATEGIES[cfg.strategy].SETTINGS)
+    reads = STRATEGY_SETTINGS[cfg.strategy]
     for name in ("server_lr", "server_momentum", "beta1", "beta2", "tau"):
-        if name not in strategy_fields and getattr(cfg, name) != DEFAULTS[name]:
+        if name not in reads and getattr(cfg, name) != DEFAULTS[name]:
             if name == "server_lr" and cfg.server_lr == 1:
                 continue  # fedavg is the server step with lr 1
-            users = [s for s, cls in STRATEGIES.items() if name in cls.SETTINGS]
+            users = [s for s, names in STRATEGY_SETTINGS.items() if name in names]
             raise bad(name, f"is a setting of strategy {' / '.join(users)}, not of strategy={cfg.strategy!r}")
-    if cfg.strategy in ADAPTIVE and cfg.server_lr is None:
+    if cfg.strategy in NEEDS_SERVER_LR and cfg.server_lr is None:
         raise bad("server_lr", f"must be set for strategy={cfg.strategy!r} (a positive number; Reddi et al. "
                                f"tune it per task, e.g. 1e-3 to 1e-1)")
-    if cfg.client != "fedprox" and cfg.mu != DEFAULTS["mu"]:
+    if "mu" not in CLIENT_SETTINGS[cfg.client] and cfg.mu != DEFAULTS["mu"]:
         raise bad("mu", f"is FedProx's setting, not of client={cfg.client!r} (use client=fedprox)")
     if cfg.client_optimizer != "adamw":
         for name in ADAM_FIELDS:
@@ -142,11 +132,16 @@ def server_lr(cfg: Any) -> float:
 
 
 def strategy_settings(cfg: Any) -> dict[str, float]:
-    return {"server_lr": server_lr(cfg), "server_momentum": cfg.server_momentum, "beta1": cfg.beta1,
-            "beta2": cfg.beta2, "tau": cfg.tau}
+    """The settings :func:`fedsweep.strategies.build_strategy` passes on to ``cfg.strategy``."""
+    values = {"server_lr": server_lr(cfg), "server_momentum": cfg.server_momentum, "beta1": cfg.beta1,
+              "beta2": cfg.beta2, "tau": cfg.tau}
+    return {name: values[name] for name in STRATEGY_SETTINGS[cfg.strategy]}
 
 
-def client_settings(cfg: Any) -> ClientSettings:
+def client_settings(cfg: Any):
+    """The client side of the algorithm (:class:`fedsweep.clients.ClientSettings`)."""
+    from .clients import ClientSettings  # torch: only a training process gets here
+
     return ClientSettings(client=cfg.client, client_optimizer=cfg.client_optimizer, mu=float(cfg.mu),
                           adam_beta1=float(cfg.adam_beta1), adam_beta2=float(cfg.adam_beta2),
                           adam_eps=float(cfg.adam_eps), weight_decay=float(cfg.weight_decay))

@@ -10,12 +10,16 @@ With LoRA (:mod:`fedsweep.lora`) the weights vector holds only the trainable ten
 classification head): the frozen base is rebuilt from the model spec and seed. ``exact``
 aggregation changes the base weights of the adapted layers every round; those are part of the
 strategy's state (``lora_base.<layer>`` in ``server_state``), so a resumed run continues bitwise.
+
+:class:`RunCheckpoint` is one run's side of it: whether the run resumes (a stale checkpoint is
+refused, or deleted with ``stale_checkpoint=restart``), from which round, the thread counts the
+rounds were trained at, the rounds it has saved since, and what a SIGTERM leaves saved.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -90,3 +94,67 @@ def save_checkpoint(path: Path, *, weights: torch.Tensor, round_: int, rows: lis
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+class RunCheckpoint:
+    """The checkpoint of one run: the one it resumed (``loaded``, None for a fresh start), the
+    metrics rows so far (``rows``: the checkpoint's, then this run's), the round it starts at, the
+    round ``path`` holds (``saved_round``, 0: none) and the thread counts."""
+
+    def __init__(self, path: Path, cfg_hash: str, hashed: dict[str, Any], loaded: dict[str, Any] | None):
+        self.path, self.cfg_hash, self.hashed, self.loaded = path, cfg_hash, hashed, loaded
+        self.rows: list[dict[str, Any]] = list(loaded["metrics"]) if loaded else []
+        self.start_round = int(loaded["round"]) + 1 if loaded else 1
+        self.saved_round = self.start_round - 1
+        self.threads = torch.get_num_threads()
+        self.thread_history: list[list[int]] = [list(x) for x in loaded.get("thread_history", [])] if loaded else []
+        self.threads_at_checkpoint = int(loaded["threads"]) if loaded and loaded.get("threads") is not None else None
+
+    @classmethod
+    def open(cls, path: Path, cfg_hash: str, hashed: dict[str, Any], algorithm: dict[str, Any], *, rounds: int,
+             restart_stale: bool, writer: bool, log: Callable[[str], None]) -> "RunCheckpoint":
+        """The checkpoint at ``path`` for a run of ``rounds`` rounds. A stale one is refused
+        (:class:`StaleCheckpoint`) or, with ``restart_stale``, deleted by the ``writer`` process;
+        ``log`` says so, and warns of a resume at another thread count."""
+        try:
+            loaded = load_checkpoint(path, cfg_hash, hashed, algorithm)
+        except StaleCheckpoint as exc:
+            if not restart_stale:
+                raise
+            if writer:
+                log(f"{str(exc).split('; ')[0]}; starting over (stale_checkpoint=restart)")
+                path.unlink(missing_ok=True)
+            loaded = None
+        run = cls(path, cfg_hash, hashed, loaded)
+        if run.start_round <= rounds:  # rounds will be trained at this count
+            before, threads = run.threads_at_checkpoint, run.threads
+            if before is not None and before != threads:
+                log(f"warning: resuming at {threads} threads after {before}: the result is exact only to rounding")
+            if not run.thread_history or run.thread_history[-1][1] != threads:
+                run.thread_history.append([run.start_round, threads])
+        return run
+
+    def save(self, round_: int, *, weights: torch.Tensor, algorithm: dict[str, Any],
+             server_state: dict[str, torch.Tensor], client_state: dict[str, torch.Tensor]) -> None:
+        """Write round ``round_`` (the caller records it in ``saved_round`` on every process)."""
+        save_checkpoint(self.path, weights=weights, round_=round_, rows=self.rows, cfg_hash=self.cfg_hash,
+                        hashed=self.hashed, thread_history=self.thread_history, algorithm=algorithm,
+                        server_state=server_state, client_state=client_state)
+
+    @property
+    def last_round(self) -> int:
+        """The last finished round (round 0 is the initial evaluation, not a trained round)."""
+        return int(self.rows[-1]["round"]) if self.rows else 0
+
+    def unsaved(self) -> bool:
+        """Whether the last finished round is newer than the one ``path`` holds."""
+        return self.last_round > self.saved_round
+
+    def stop_message(self, saved_now: bool) -> str:
+        """What a run stopped by SIGTERM leaves; ``saved_now``: it just saved its last finished round."""
+        if saved_now or self.saved_round >= self.start_round:  # saved by this process: now or at its round's end
+            return f"saved round {max(self.last_round, self.saved_round)} to {self.path}; rerun to resume"
+        if self.saved_round > 0:
+            return (f"stopped before round {self.saved_round + 1} finished; round {self.saved_round} is in "
+                    f"{self.path} (from an earlier run); rerun to resume")
+        return "stopped before round 1 finished; nothing saved"

@@ -72,39 +72,20 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
           f"{meta['mean_length']['train']:.1f}, {100 * meta['truncated_share']['train']:.1f}% truncated -> {a.out_dir}")
 
 
-def _check_partition_flags(a: argparse.Namespace) -> None:
-    """Bad or inapplicable partition flags, named as the user typed them (one line, exit 2)."""
-    from .partition import SCHEMES, SIZE_DISTRIBUTIONS
+def _partition_settings(a: argparse.Namespace) -> dict:
+    """The partition flags given, checked by the partition rules the config uses (one line)."""
+    from .schemes import SETTINGS, check
+    from .settings import given_flags
 
-    def bad(flag: str, value, why: str) -> FedsweepError:
-        return FedsweepError(f"partition: {flag} {value} {why}")
-
-    if a.scheme not in SCHEMES:
-        raise bad("--scheme", a.scheme, f"is not one of {', '.join(SCHEMES)}")
-    if a.size_distribution not in SIZE_DISTRIBUTIONS:
-        raise bad("--size-distribution", a.size_distribution, f"is not one of {', '.join(SIZE_DISTRIBUTIONS)}")
-    uses_alpha = a.scheme == "dirichlet" or (a.scheme == "quantity_skew" and a.size_distribution == "dirichlet")
-    uses_sigma = a.scheme == "quantity_skew" and a.size_distribution == "lognormal"
-    for flag, value, needed, used in (
-        ("--alpha", a.alpha, uses_alpha, uses_alpha),
-        ("--sigma", a.sigma, uses_sigma, uses_sigma),
-        ("--classes-per-client", a.classes_per_client, False, a.scheme == "shards"),
-    ):
-        if value is None and needed:
-            raise FedsweepError(f"partition: --scheme {a.scheme}"
-                                + (f" --size-distribution {a.size_distribution}" if a.scheme == "quantity_skew" else "")
-                                + f" needs {flag}")
-        if value is not None and not used:
-            raise bad(flag, value, f"is not used by --scheme {a.scheme}"
-                      + (f" --size-distribution {a.size_distribution}" if a.scheme == "quantity_skew" else ""))
-        if value is not None and not value > 0:
-            raise bad(flag, value, "must be > 0")
-    if a.size_distribution != "dirichlet" and a.scheme != "quantity_skew":
-        raise bad("--size-distribution", a.size_distribution, "is only used with --scheme quantity_skew")
-    for flag, value in (("--clients", a.clients), ("--classes-per-client", a.classes_per_client),
-                        ("--per-client", a.per_client), ("--min-rows", a.min_rows), ("--min-size", a.min_size)):
-        if value is not None and value < 1:
-            raise bad(flag, value, "must be an integer >= 1")
+    if a.clients < 1:
+        raise FedsweepError(f"partition: --clients {a.clients} must be an integer >= 1")
+    if a.min_size < 1:
+        raise FedsweepError(f"partition: --min-size {a.min_size} must be an integer >= 1")
+    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
+    try:
+        return check(given_flags(a, SETTINGS.values()), flag, lambda key, value: f"{flag(key)} {value}")
+    except FedsweepError as exc:
+        raise FedsweepError(f"partition: {exc}") from None
 
 
 def cmd_partition(a: argparse.Namespace) -> None:
@@ -113,57 +94,51 @@ def cmd_partition(a: argparse.Namespace) -> None:
 
     from .data import read_meta
     from .partition import label_histogram, partition, read_shards, scheme_info, write_shards
+    from .schemes import DEFAULTS
 
-    _check_partition_flags(a)
+    settings = {**DEFAULTS, **_partition_settings(a)}
     meta = read_meta(a.data_dir)
     labels = pd.read_parquet(Path(a.data_dir) / "train.parquet", columns=["label"])["label"].to_numpy()
-    options = {"classes_per_client": a.classes_per_client or 2, "size_distribution": a.size_distribution,
-               "sigma": a.sigma, "min_rows": a.min_rows, "per_client": a.per_client}
-    shards = partition(labels, a.clients, a.seed, a.scheme, a.alpha, min_size=a.min_size, **options)
-    info = {**scheme_info(a.scheme, a.alpha, **options), "seed": a.seed, "train_rows": len(labels),
+    scheme, alpha = settings.pop("scheme"), settings.pop("alpha")
+    shards = partition(labels, a.clients, a.seed, scheme, alpha, min_size=a.min_size, **settings)
+    info = {**scheme_info(scheme, alpha, **settings), "seed": a.seed, "train_rows": len(labels),
             "train_sha256": meta["sha256"]["train"], "dropped": int(len(labels) - sum(len(s) for s in shards))}
     write_shards(a.out, shards, info)
     hist = label_histogram(read_shards(a.out), labels, meta["num_classes"])
     share = hist / np.maximum(hist.sum(1, keepdims=True), 1)
     sizes = sorted({len(s) for s in shards})
     sizes_text = str(sizes) if len(sizes) <= 4 else f"{sizes[0]}..{sizes[-1]} rows"
-    print(f"partitioned {len(labels)} rows into {a.clients} {a.scheme} shards of {sizes_text} ({info['kind']}; "
+    print(f"partitioned {len(labels)} rows into {a.clients} {scheme} shards of {sizes_text} ({info['kind']}; "
           f"dropped {info['dropped']}; max class share per client {share.max():.2f}) -> {a.out}")
 
 
-def _algorithm_spec(a: argparse.Namespace, fields: dict) -> dict:
-    """Merge ``--algorithm-spec`` (a YAML/JSON mapping of algorithm settings) into ``fields``."""
-    from .algorithm import DEFAULTS
+def _train_config(a: argparse.Namespace):
+    """The run's settings: ``--settings`` (a YAML/JSON mapping of a cell's settings: what the
+    workflow passes), with the flags given by hand over it; a flag that contradicts the mapping
+    is an error. Every value is checked later by ``TrainConfig.validate``."""
+    from .settings import given_flags
+    from .trainconfig import CELL_KEYS, DECLARED, TrainConfig
 
-    if not a.algorithm_spec:
-        return fields
-    spec = _spec_mapping(a.algorithm_spec, "--algorithm-spec")
-    for key, value in spec.items():
-        if key not in DEFAULTS:
-            raise FedsweepError(f"--algorithm-spec: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
-        if key in fields and fields[key] != value:
-            raise FedsweepError(f"--algorithm-spec: {key}={value!r} conflicts with --{key.replace('_', '-')} "
-                                f"{fields[key]!r}")
-    return {**fields, **spec}
+    cell = _spec_mapping(a.settings, "--settings") if a.settings else {}
+    unknown = [key for key in cell if key not in CELL_KEYS]
+    if unknown:
+        raise FedsweepError(f"--settings: unknown key {unknown[0]!r} (known: {', '.join(CELL_KEYS)})")
+    flags = given_flags(a, DECLARED.values())
+    if a.peft is not None:
+        from .adapters import parse
 
-
-def _peft_spec(text: str | None) -> dict | None:
-    """``--peft``: a YAML/JSON mapping ({method: lora, r: 16, ...}) or ``none``, checked here."""
-    if text is None:
-        return None
-    from .lora import parse
-
-    spec = None if text.strip() == "none" else _spec_mapping(text, "--peft")
-    parse(spec, "--peft")  # one line naming a bad field, before anything loads
-    return spec
+        flags["peft"] = None if a.peft.strip() == "none" else _spec_mapping(a.peft, "--peft")
+        parse(flags["peft"], "--peft")  # one line naming --peft's bad field, before anything loads
+    for key, value in flags.items():
+        if key in cell and cell[key] != value:
+            raise FedsweepError(f"--settings: {key}={cell[key]!r} conflicts with --{key.replace('_', '-')} {value!r}")
+    return TrainConfig(**{**cell, **flags})
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .train import TrainConfig, run
+    from .train import run
 
-    fields = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    fields["peft"] = _peft_spec(a.peft)
-    metrics = run(TrainConfig(**_algorithm_spec(a, fields)))
+    metrics = run(_train_config(a))
     last = metrics.dropna(subset=["test_accuracy"]).iloc[-1]
     print(f"trained {a.model} K={metrics['clients'].iloc[0]}: round {int(last['round'])} test accuracy "
           f"{last['test_accuracy']:.4f} -> {a.out_dir}")
@@ -171,11 +146,13 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_fetch(a: argparse.Namespace) -> None:
     from .io import write_json
-    from .models import fetch, load_tokenizer
-    from .preflight import check_max_length
+    from .modelspec import MINILM_ALIASES, check_max_length, fetch
 
     record = fetch(a.model)
-    load_tokenizer(a.model)  # the tokenizer files are in the cache (and the fast one builds)
+    if record["kind"] != "tiny" and a.model not in MINILM_ALIASES:  # bundled ones are known to load
+        from .models import load_tokenizer
+
+        load_tokenizer(a.model)  # the tokenizer files are in the cache (and the fast one builds)
     if a.max_length:  # now that its config.json is here: before any data is tokenised for it
         check_max_length(a.model, a.max_length, "")
     if a.out:
@@ -190,28 +167,38 @@ def cmd_report(a: argparse.Namespace) -> None:
     print(json.dumps({k: str(v) for k, v in outputs.items()}, indent=1))
 
 
+def cmd_check(a: argparse.Namespace) -> None:
+    """The config checked as the workflow checks it (one line on a problem), then the grid's size."""
+    from . import config
+
+    files = a.configfile or ["config/config.yaml"]
+    sweep = config.load(files, a.base_dir, row_cache=None)
+    print(f"{' + '.join(map(str, files))}: ok")
+    print("\n".join(config.summary(sweep)))
+
+
 def cmd_cluster_check(a: argparse.Namespace) -> None:
     """What the SLURM cluster offers, the profile settings to use, and the problems (exit 1)."""
-    from . import cluster
+    from . import cluster_check, config, slurm
 
     if a.calibrate:
-        print("\n".join(cluster.calibration_report(a.calibrate)))
+        print("\n".join(cluster_check.calibration_report(a.calibrate)))
         return
     workdir = Path(a.workflow_dir)
     default_config = workdir / "config" / "config.yaml"
     configfiles = a.configfile or ([default_config] if default_config.exists() else [])
     profiles = a.profile if a.profile is not None else (
         [workdir / "profiles/slurm"] if (workdir / "profiles/slurm/config.yaml").exists() else [])
-    profile = cluster.read_profiles(profiles)
-    config = cluster.load_workflow_config(configfiles, workdir) if configfiles else None
-    info = cluster.query_cluster()
-    report = cluster.check_cluster_report(
-        info, profile=profile, profile_names=[str(p) for p in profiles], config=config,
-        config_names=[str(c) for c in configfiles], base_dir=".", partition=a.partition,
-        accounts=cluster.user_accounts())
+    profile = slurm.read_profiles(profiles)
+    sweep = config.load(configfiles, ".") if configfiles else None
+    info = slurm.query_cluster()
+    report = cluster_check.check_cluster_report(
+        info, profile=profile, profile_names=[str(p) for p in profiles], sweep=sweep,
+        config_names=[str(c) for c in configfiles], partition=a.partition,
+        accounts=slurm.user_accounts())
     print("\n".join(report.lines))
     if report.problems:
-        problems = cluster.summarize_problems(report.problems)
+        problems = cluster_check.summarize_problems(report.problems)
         print(f"\n{len(problems)} problem(s):")
         for problem in problems:
             print(f"  - {problem}")
@@ -223,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsweep", description=__doc__)
     p.add_argument("--version", action="version", version=f"fedsweep {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _data_commands(sub)
+    _train_command(sub)
+    _sweep_commands(sub)
+    return p
+
+
+def _data_commands(sub) -> None:
+    """prepare, tokenize and partition: a data set, its tokens, its client shards."""
+    from .schemes import SETTINGS
+    from .settings import add_flags
 
     s = sub.add_parser("prepare", help="load a data set into normalised Parquet + meta.json")
     s.add_argument("--name", required=True, help="data set name (a hub preset: imdb, yelp_review_full, ag_news)")
@@ -243,74 +240,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", required=True)
     s.add_argument("--clients", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--scheme", default="iid",
-                   help="iid (the paper), dirichlet (label skew), shards (sort by label, classes_per_client "
-                        "pieces per client) or quantity_skew (i.i.d. labels, skewed sizes)")
-    s.add_argument("--alpha", type=float,
-                   help="Dirichlet concentration (dirichlet; quantity_skew with --size-distribution dirichlet)")
-    s.add_argument("--classes-per-client", type=int, help="shards: label-sorted pieces per client (default 2)")
-    s.add_argument("--size-distribution", default="dirichlet",
-                   help="quantity_skew: client shares from dirichlet (--alpha) or lognormal (--sigma)")
-    s.add_argument("--sigma", type=float, help="quantity_skew, lognormal: standard deviation of log share")
-    s.add_argument("--min-rows", type=int, default=1, help="quantity_skew: rows every client gets at least")
-    s.add_argument("--per-client", type=int,
-                   help="N rows per client (a seeded K x N subset; the total grows with K: weak scaling)")
+    add_flags(s, SETTINGS.values())
     s.add_argument("--min-size", type=int, default=1, help="smallest acceptable shard")
     s.add_argument("--out", required=True, help="output Parquet (one row per kept training example)")
     s.set_defaults(func=cmd_partition)
 
-    s = sub.add_parser("train", help="run one FedAvg cell (resumes from its checkpoint)")
-    s.add_argument("--tokens-dir", required=True)
-    s.add_argument("--shards", required=True)
-    s.add_argument("--model", required=True)
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--rounds", type=int, required=True)
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--protocol", choices=["standard", "paper"])
-    s.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"])
-    s.add_argument("--eval-every", type=int)
-    s.add_argument("--eval-batch-size", type=int)
-    s.add_argument("--client-group", type=int,
-                   help="train this many clients at once as one vmapped model (GPU; 1 = one after another)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--device")
-    s.add_argument("--dataset", help="data set name recorded in the metrics")
-    s.add_argument("--partition", help="the partition's name (slug), recorded in metrics and run.json (default iid)")
-    s.add_argument("--checkpoint-every", type=int)
-    s.add_argument("--no-keep-checkpoint", dest="keep_checkpoint", action="store_false", default=None)
-    s.add_argument("--progress", choices=["auto", "bar", "lines", "none"])
-    s.add_argument("--stale-checkpoint", choices=["error", "restart"],
-                   help="a checkpoint made with other settings, data or model: refuse it (error, the default) "
-                        "or delete it and start over (restart, what the workflow passes)")
-    g = s.add_argument_group("algorithm (README: Algorithms; defaults: FedAvg with plain SGD clients)")
-    g.add_argument("--algorithm", help="the algorithm's name (slug), recorded in metrics and run.json")
-    g.add_argument("--algorithm-spec", help="the algorithm settings as one YAML/JSON mapping (keys as the "
-                                            "options below with _, e.g. {strategy: fedadam, server_lr: 0.01})")
-    g.add_argument("--strategy", help="server: fedavg, fedavgm, fedadam, fedyogi, fedadagrad")
-    g.add_argument("--server-lr", type=float, help="server learning rate (fedavgm: default 1; adaptive: required)")
-    g.add_argument("--server-momentum", type=float, help="fedavgm: server momentum (default 0)")
-    g.add_argument("--beta1", type=float, help="fedadam/fedyogi/fedadagrad: first-moment decay (0.9)")
-    g.add_argument("--beta2", type=float, help="fedadam/fedyogi: second-moment decay (0.99)")
-    g.add_argument("--tau", type=float, help="fedadam/fedyogi/fedadagrad: adaptivity; v starts at tau^2 (1e-3)")
-    g.add_argument("--client", help="client update: plain, fedprox, scaffold")
-    g.add_argument("--mu", type=float, help="fedprox: proximal weight")
-    g.add_argument("--client-optimizer", help="sgd or adamw (reset for every client every round)")
-    g.add_argument("--adam-beta1", type=float)
-    g.add_argument("--adam-beta2", type=float)
-    g.add_argument("--adam-eps", type=float)
-    g.add_argument("--weight-decay", type=float, help="adamw: decoupled weight decay (0)")
-    g.add_argument("--lr-schedule", help="client lr over rounds: constant or linear (decay to the last round)")
-    g.add_argument("--warmup-rounds", type=int, help="linear warmup of the client lr over this many rounds")
-    g.add_argument("--clients-per-round", type=int, help="clients sampled per round (0 = all)")
-    g.add_argument("--client-fraction", type=float, help="or this fraction of the clients per round")
+
+def _train_command(sub) -> None:
+    """train: its flags derive from the declarations (fedsweep.settings, .algorithm)."""
+    from . import algorithm, settings
+    from .settings import add_flags
+
+    s = sub.add_parser("train", help="run one cell (resumes from its checkpoint)")
+    add_flags(s, settings.RUN.values(), required=settings.RUN_REQUIRED)
+    s.add_argument("--settings", help="the cell's settings as one YAML/JSON mapping (what the workflow passes): "
+                                      "any of the options below, with _ (e.g. {lr: 0.01, strategy: fedadam, "
+                                      "server_lr: 0.01, peft: {method: lora, r: 8}})")
+    add_flags(s.add_argument_group("training"), settings.JOB_TRAIN.values())
+    add_flags(s.add_argument_group("algorithm (README: Algorithms; defaults: FedAvg with plain SGD clients)"),
+              algorithm.SETTINGS.values())
     s.add_argument("--peft", help="parameter-efficient fine-tuning as a YAML/JSON mapping, e.g. {method: lora, "
                                   "r: 16, alpha: 32, dropout: 0.0, target_modules: [q_proj, v_proj], "
                                   "aggregation: exact, base_dtype: bf16} (aggregation: fedit, ffa or exact; "
                                   "base_dtype: fp32 or bf16); none (default): full fine-tuning")
     s.set_defaults(func=cmd_train)
 
+
+def _sweep_commands(sub) -> None:
+    """fetch, report, check and cluster-check: what the workflow's head node runs around the cells."""
     s = sub.add_parser("fetch", help="download a model's weights and tokenizer into the HF cache (head node)")
     s.add_argument("--model", required=True)
     s.add_argument("--max-length", type=int, default=0,
@@ -325,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--figures-dir", required=True)
     s.set_defaults(func=cmd_report)
 
+    s = sub.add_parser("check", help="check a workflow config as the workflow does, before any job, and print "
+                                     "the grid's size (cells, jobs, estimated GPU-hours)")
+    s.add_argument("--configfile", nargs="+", help="the config file(s), later ones winning (default: "
+                                                   "config/config.yaml)")
+    s.add_argument("--base-dir", default=".", help="where relative paths of the config start (where snakemake "
+                                                   "runs: the repository root)")
+    s.set_defaults(func=cmd_check)
+
     s = sub.add_parser("cluster-check", help="SLURM: what the cluster offers and the profile settings to use "
                                              "(run on the login node before the first `snakemake --profile slurm`)")
     s.add_argument("--configfile", nargs="+", help="the workflow config(s) whose training jobs to check "
@@ -337,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibrate", metavar="RESULTS_DIR",
                    help="instead: the training throughput of finished cells (run.json), per model, as config")
     s.set_defaults(func=cmd_cluster_check)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@
 
 The federated algorithm is built on these: the server strategies (FedAvg, FedAvgM, FedAdam,
 FedYogi, FedAdagrad) are in :mod:`fedsweep.strategies`, the client updates (local SGD or AdamW,
-FedProx, SCAFFOLD) in :mod:`fedsweep.clients`, client batching in :mod:`fedsweep.grouped`, and one
+FedProx, SCAFFOLD) in :mod:`fedsweep.clients` (:mod:`fedsweep.client_update`, :mod:`fedsweep.scaffold`), client batching in :mod:`fedsweep.grouped`, and one
 round (sampling, training the clients, aggregating) in :mod:`fedsweep.rounds`. This module
 imports none of them.
 

@@ -17,27 +17,20 @@ this module, so that both see the same cells with the same settings.
 
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 from typing import Any
 
-from . import FedsweepError
+from . import FedsweepError, schemes
+from . import algorithm as algo
+from .settings import JOB_TRAIN, check as check_settings, field_name
 
-# Keys of an algorithm or partition entry that choose cells rather than settings.
-RESTRICTIONS = ("models", "datasets")
+# Keys of an algorithm or partition entry that choose cells rather than settings, and the cell
+# key each restricts (``partitions``: algorithm entries only, e.g. SCAFFOLD on the label-skewed
+# partitions alone; ``clients``: e.g. a non-iid partition without its K=1 cell, which is the
+# centralised baseline whatever the partition).
+RESTRICTIONS = {"models": "model", "datasets": "dataset", "partitions": "partition", "clients": "clients"}
 DEFAULT_ALGORITHM = "fedavg"
-
-# The scheme -> the partition settings it reads (beside per_client, which any scheme takes).
-PARTITION_SETTINGS = {
-    "iid": (),
-    "dirichlet": ("alpha",),
-    "shards": ("classes_per_client",),
-    "quantity_skew": ("size_distribution", "alpha", "sigma", "min_rows"),
-}
-PARTITION_KEYS = ("scheme", "per_client") + tuple(
-    dict.fromkeys(k for keys in PARTITION_SETTINGS.values() for k in keys)
-)
 
 
 def _as_list(value: Any) -> list | None:
@@ -50,9 +43,16 @@ def _settings(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in RESTRICTIONS}
 
 
-def _applies(entry: dict[str, Any], dataset: str, model: str) -> bool:
-    models, datasets = _as_list(entry.get("models")), _as_list(entry.get("datasets"))
-    return (models is None or model in models) and (datasets is None or dataset in datasets)
+def _applies(entry: dict[str, Any], **cell: str) -> bool:
+    """Whether an entry's restrictions (absent: all) admit the cell's dataset, model, partition or K."""
+    for key, restriction in RESTRICTIONS.items():
+        if restriction not in cell:
+            continue
+        value = cell[restriction]
+        allowed = _as_list(entry.get(key))
+        if allowed is not None and value not in allowed:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ algorithms
@@ -68,28 +68,12 @@ def algorithm_settings(config: dict[str, Any], name: str) -> dict[str, Any]:
     return _settings(algorithms(config)[name])
 
 
-def algorithm_spec(config: dict[str, Any], name: str) -> str:
-    """``fedsweep train --algorithm-spec``: the settings as one JSON mapping (sorted keys)."""
-    return json.dumps(algorithm_settings(config, name), sort_keys=True, separators=(",", ":"))
-
-
 def check_algorithms(config: dict[str, Any]) -> None:
-    """Each algorithm's settings, checked as `fedsweep train` would: one line naming the field."""
-    # Imported here: fedsweep.algorithm imports torch, and every Snakemake start (one per job on a
-    # cluster) imports this module; only the head node's checks need it.
-    from . import algorithm as algo
-
+    """Each algorithm's settings (fedsweep.algorithm's declarations and rules): one line naming the field."""
     for name, entry in algorithms(config).items():
-        settings = _settings(entry)
-        unknown = [k for k in settings if k not in algo.DEFAULTS or k == "algorithm"]
-        if unknown:
-            raise FedsweepError(f"algorithms.{name}: unknown setting {unknown[0]!r} "
-                                f"(known: {', '.join(k for k in algo.DEFAULTS if k != 'algorithm')})")
-        cfg = SimpleNamespace(**{**algo.DEFAULTS, **settings, "algorithm": name})
-        try:
-            algo.validate(cfg)
-        except FedsweepError as exc:
-            raise FedsweepError(str(exc).replace("train: ", f"algorithms.{name}.", 1)) from None
+        where = field_name(f"algorithms.{name}")
+        values = check_settings(algo.SETTINGS, _settings(entry), where)
+        algo.check_rules(SimpleNamespace(**{**algo.DEFAULTS, **values, "algorithm": name}), where)
 
 
 # ------------------------------------------------------------------------------ partitions
@@ -122,39 +106,10 @@ def partition_field(config: dict[str, Any], name: str) -> str:
 
 def check_partitions(config: dict[str, Any]) -> None:
     if config.get("partitions") and config.get("partition"):
-        raise FedsweepError("partition and partitions are both set; give one (partition is a single "
-                            "entry of partitions)")
+        raise FedsweepError("partition and partitions are both set; give one (partition is a single entry of partitions)")
     for name, entry in partitions(config).items():
         where = partition_field(config, name)
-        settings = _settings(entry)
-        scheme = settings.get("scheme", "iid")
-        if scheme not in PARTITION_SETTINGS:
-            raise FedsweepError(f"{where}.scheme={scheme!r} is not one of {', '.join(PARTITION_SETTINGS)}")
-        used = set(PARTITION_SETTINGS[scheme]) | {"scheme", "per_client"}
-        if scheme == "quantity_skew":
-            distribution = settings.get("size_distribution", "dirichlet")
-            used = {"scheme", "per_client", "size_distribution", "min_rows",
-                    "alpha" if distribution == "dirichlet" else "sigma"}
-            if distribution == "lognormal" and "sigma" not in settings:
-                raise FedsweepError(f"{where}.sigma is required with {where}.size_distribution=lognormal")
-        for key in settings:
-            if key not in used:
-                if scheme == "quantity_skew" and key in ("alpha", "sigma"):
-                    raise FedsweepError(f"{where}.{key}={settings[key]!r} is only used with {where}.size_distribution="
-                                        f"{'dirichlet' if key == 'alpha' else 'lognormal'}")
-                raise FedsweepError(f"{where}.{key}={settings[key]!r} is only used with "
-                                    f"{where}.scheme={_scheme_using(key)}")
-        if scheme == "dirichlet" and "alpha" not in settings:
-            raise FedsweepError(f"{where}.alpha is required with {where}.scheme=dirichlet")
-        if scheme == "quantity_skew" and settings.get("size_distribution", "dirichlet") == "dirichlet" \
-                and "alpha" not in settings:
-            raise FedsweepError(f"{where}.alpha is required with {where}.scheme=quantity_skew "
-                                f"(size_distribution dirichlet)")
-
-
-def _scheme_using(key: str) -> str:
-    users = [s for s, keys in PARTITION_SETTINGS.items() if key in keys]
-    return " / ".join(users) or "none"
+        schemes.check(_settings(entry), lambda key: f"{where}.{key}", lambda key, value: f"{where}.{key}={value}")
 
 
 def partition_args(config: dict[str, Any], name: str) -> str:
@@ -191,17 +146,20 @@ def cells(config: dict[str, Any]) -> list[dict[str, Any]]:
         dict(dataset=d, model=m, algorithm=a, partition=p, clients=k, seed=s)
         for d in config["datasets"]
         for m in config["models"]
-        for a, a_entry in algos.items() if _applies(a_entry, d, m)
-        for p, p_entry in parts.items() if _applies(p_entry, d, m)
-        for k in config["clients"]
+        for a, a_entry in algos.items() if _applies(a_entry, dataset=d, model=m)
+        for p, p_entry in parts.items() if _applies(p_entry, dataset=d, model=m) and _applies(a_entry, partition=p)
+        for k in config["clients"] if _applies(a_entry, clients=k) and _applies(p_entry, clients=k)
         for s in model_seeds(config, m)
     ]
 
 
+# A cell's folder below runs/ (and logs/train/, benchmarks/train/): also the workflow's wildcards.
+CELL_PATH = "{dataset}/{model}/{algorithm}/{partition}_K{clients}_seed{seed}"
+
+
 def cell_name(cell: dict[str, Any]) -> str:
     """``dataset/model/algorithm/partition_K..._seed...``: the run folder below runs/."""
-    return (f"{cell['dataset']}/{cell['model']}/{cell.get('algorithm', DEFAULT_ALGORITHM)}/"
-            f"{cell.get('partition', 'iid')}_K{cell['clients']}_seed{cell['seed']}")
+    return CELL_PATH.format(**{"algorithm": DEFAULT_ALGORITHM, "partition": "iid", **cell})
 
 
 OVERRIDE_KEYS = ("dataset", "model", "algorithm", "partition", "clients", "seed")
@@ -231,9 +189,25 @@ def cell_train(config: dict[str, Any], dataset: str, model: str, clients: int, s
     return merged
 
 
+def cell_settings(config: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:
+    """What a cell's training job is given (``fedsweep train --settings``): its training settings
+    (max_length aside: the tokens' own), its algorithm's settings and its model's ``peft``, in
+    their declared types. Handed to the job as one value, so any change reruns exactly the cells
+    it applies to."""
+    train = cell_train(config, **cell)
+    values = {key: train[key] for key in JOB_TRAIN}
+    values.update(algorithm_settings(config, cell["algorithm"]))
+    values = check_settings({**JOB_TRAIN, **algo.SETTINGS}, values, field_name("train"))
+    peft = config["models"][cell["model"]].get("peft")
+    if peft and peft.get("method", "none") != "none":
+        values["peft"] = peft
+    return values
+
+
 def check_references(config: dict[str, Any]) -> None:
     """Names used by restrictions, per-model seeds and overrides exist in the config."""
-    fields = {"models": list(config["models"]), "datasets": list(config["datasets"])}
+    fields = {"models": list(config["models"]), "datasets": list(config["datasets"]),
+              "partitions": list(partitions(config)), "clients": list(config["clients"])}
     for section, entries in (("algorithms", algorithms(config)), ("partitions", partitions(config))):
         if section == "partitions" and not config.get("partitions"):
             continue
@@ -242,7 +216,7 @@ def check_references(config: dict[str, Any]) -> None:
                 for value in _as_list(entry.get(key)) or []:
                     if value not in fields[key]:
                         raise FedsweepError(f"{section}.{name}.{key}: {value!r} is not in the config's {key} "
-                                            f"({', '.join(fields[key])})")
+                                            f"({', '.join(map(str, fields[key]))})")
     names = {"model": list(config["models"]), "dataset": list(config["datasets"]),
              "algorithm": list(algorithms(config)), "partition": list(partitions(config)),
              "clients": list(config["clients"]),

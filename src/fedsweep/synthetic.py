@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import FedsweepError
+from .dataspec import SYNTHETIC_DEFAULTS
 
 # Common English words. The first part is split into per-class topic words, the rest is noise.
 _WORDS = """
@@ -59,16 +60,19 @@ def _topics(num_classes: int, words_per_class: int) -> tuple[list[list[str]], li
     return topics, _WORDS[need:]
 
 
+_D = SYNTHETIC_DEFAULTS
+
+
 def generate(
-    num_classes: int = 4,
-    train_size: int = 2000,
-    test_size: int = 500,
-    difficulty: float = 0.5,
-    label_noise: float = 0.0,
-    min_words: int = 12,
-    max_words: int = 40,
-    topic_words: int = 24,
-    seed: int = 0,
+    num_classes: int = _D["num_classes"],
+    train_size: int = _D["train_size"],
+    test_size: int = _D["test_size"],
+    difficulty: float = _D["difficulty"],
+    label_noise: float = _D["label_noise"],
+    min_words: int = _D["min_words"],
+    max_words: int = _D["max_words"],
+    topic_words: int = _D["topic_words"],
+    seed: int = _D["seed"],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (train, test) frames with columns ``text`` (str) and ``label`` (int64 0..C-1).
 

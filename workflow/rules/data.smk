@@ -7,7 +7,7 @@ localrules:
 # A local data set's files are inputs: editing one reruns its data, tokens, shards and cells.
 rule prepare_data:
     input:
-        lambda wildcards: DATA_FILES[wildcards.dataset],
+        lambda wildcards: SWEEP.data_files.get(wildcards.dataset, []),
     output:
         train=f"{RESULTS}/data/{{dataset}}/train.parquet",
         test=f"{RESULTS}/data/{{dataset}}/test.parquet",
@@ -34,7 +34,7 @@ rule prepare_data:
 # are inputs: editing them reruns the cells of that model.
 rule fetch_model:
     input:
-        lambda wildcards: MODEL_FILES.get(wildcards.spec_slug, []),
+        lambda wildcards: SWEEP.model_files.get(wildcards.spec_slug, []),
     output:
         f"{RESULTS}/models/{{spec_slug}}.json",
     log:

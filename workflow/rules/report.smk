@@ -12,7 +12,7 @@ rule report_config:
     conda:
         ENV
     params:
-        config=report_config(),
+        config=sweep_config.report_settings(config, CELLS),
     script:
         "../scripts/report_config.py"
 
@@ -53,7 +53,7 @@ rule figures:
         ENV
     params:
         metrics=cached_metrics,
-        stamp=cached_metrics_stamp,
+        stamp=lambda wildcards: sweep_report.metrics_stamp(cached_metrics(wildcards)),
         tables_dir=lambda wildcards, output: os.path.dirname(output.accuracy_at_budget),
         figures_dir=lambda wildcards, output: os.path.dirname(
             output.accuracy_vs_clients_png

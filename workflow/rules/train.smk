@@ -8,9 +8,62 @@
 # checkpoint's settings, so the next job resumes from checkpoint.pt), keeps that job's
 # metrics.parquet and run.json under segments/, and the last job (rule train) trains to the
 # second threshold. Every other cell is one train job.
+
+
+# The shell command of a training job. Every job of a cell (each attempt, requeue and chain
+# link) appends to one log, train.log in the run folder, which {log} is a hard link to: Snakemake
+# deletes {log} before each job, the history stays. A header line per job says which attempt and
+# SLURM job it is; `fedsweep train` itself says from which round it resumes. The cell's settings
+# are one JSON value ({params.settings}).
+TRAIN_JOB = (
+    "touch {params.out_dir}/train.log;"
+    " ln -f {params.out_dir}/train.log {log} 2>/dev/null || cp {params.out_dir}/train.log {log};"
+    " echo \"==== $(date '+%F %T') fedsweep train to round {params.rounds}: attempt {resources.attempt},"
+    " SLURM job ${{SLURM_JOB_ID:-none}}"
+    '${{SLURM_RESTART_COUNT:+ (requeued ${{SLURM_RESTART_COUNT}}x)}} on $(hostname) ====" >> {log}; '
+    + OFFLINE_ENV
+    + " OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+    " {params.launcher} train --tokens-dir {params.tokens_dir} --shards {input.shards}"
+    " --model {params.spec:q} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+    " --algorithm {wildcards.algorithm} --partition {wildcards.partition}"
+    " --rounds {params.rounds} --settings {params.settings:q} --progress lines"
+    " --stale-checkpoint restart --out-dir {params.out_dir} >> {log} 2>&1"
+)
+
+
+# A chain link keeps its job's metrics and run.json under segments/ and leaves its marker.
+KEEP_SEGMENT = (
+    " && mv -f {params.out_dir}/metrics.parquet"
+    " {params.out_dir}/segments/r{wildcards.rounds}.metrics.parquet"
+    " && mv -f {params.out_dir}/run.json"
+    " {params.out_dir}/segments/r{wildcards.rounds}.run.json && touch {output}"
+)
+
+
+# What both training rules share: threads, resources (SLURM --gpus, -t, --mem; ignored by local
+# runs) and params.
+TRAIN_RESOURCES = dict(
+    gpu=lambda wildcards: cell_plan(wildcards).gpus,
+    # minutes: given or estimated, doubled per retry (a retry resumes from the checkpoint), at
+    # most max_runtime; a chain link's up to its round
+    runtime=lambda wildcards, attempt: cell_plan(wildcards).minutes(
+        int(wildcards.get("rounds", cell_plan(wildcards).rounds)), attempt
+    ),
+    mem_mb=lambda wildcards: cell_plan(wildcards).mem_mb,
+    attempt=lambda wildcards, attempt: attempt,
+)
+TRAIN_PARAMS = dict(
+    tokens_dir=lambda wildcards, input: os.path.dirname(input.tokens),
+    out_dir=lambda wildcards: run_dir(cell_of(wildcards)),
+    spec=lambda wildcards: model_spec(wildcards.model),
+    settings=cell_settings,
+    launcher=train_launcher,
+)
+
+
 rule train:
     input:
-        unpack(train_inputs),
+        unpack(job_inputs),
     output:
         metrics=f"{RESULTS}/runs/{CELL_PATH}/metrics.parquet",
         summary=f"{RESULTS}/runs/{CELL_PATH}/run.json",
@@ -22,22 +75,14 @@ rule train:
         ENV
     threads: config["threads"]["train"]
     resources:
-        # SLURM: --gpus, -t and --mem (see profiles/slurm); ignored by local runs.
-        gpu=lambda wildcards: cell_resources(wildcards.dataset, wildcards.model)["gpus"],
-        runtime=train_runtime,
-        mem_mb=train_mem_mb,
-        attempt=lambda wildcards, attempt: attempt,
+        **TRAIN_RESOURCES,
     params:
-        tokens_dir=lambda wildcards, input: os.path.dirname(input.tokens),
-        out_dir=cell_run_dir,
-        spec=lambda wildcards: model_spec(wildcards.model),
+        **TRAIN_PARAMS,
         rounds=lambda wildcards: config["datasets"][wildcards.dataset][
             "second_threshold"
         ],
-        args=train_args,
-        launcher=train_launcher,
     shell:
-        train_shell("{params.rounds}")
+        show_cause(TRAIN_JOB)
 
 
 rule train_segment:
@@ -53,21 +98,9 @@ rule train_segment:
         ENV
     threads: config["threads"]["train"]
     resources:
-        gpu=lambda wildcards: cell_resources(wildcards.dataset, wildcards.model)["gpus"],
-        runtime=segment_runtime,
-        mem_mb=train_mem_mb,
-        attempt=lambda wildcards, attempt: attempt,
+        **TRAIN_RESOURCES,
     params:
-        tokens_dir=lambda wildcards, input: os.path.dirname(input.tokens),
-        out_dir=cell_run_dir,
-        spec=lambda wildcards: model_spec(wildcards.model),
-        args=train_args,
-        launcher=train_launcher,
+        **TRAIN_PARAMS,
+        rounds=lambda wildcards: wildcards.rounds,
     shell:
-        train_shell(
-            "{wildcards.rounds}",
-            then=" && mv -f {params.out_dir}/metrics.parquet"
-            " {params.out_dir}/segments/r{wildcards.rounds}.metrics.parquet"
-            " && mv -f {params.out_dir}/run.json"
-            " {params.out_dir}/segments/r{wildcards.rounds}.run.json && touch {output}",
-        )
+        show_cause(f"{TRAIN_JOB}{KEEP_SEGMENT}")
