@@ -180,6 +180,13 @@ def test_report_on_a_cluster_without_accounting(tmp_path):
     assert "synthetic            minilm" in text  # the demo's cells, one line per data set and model
     assert "gpus: 0   # partition ci has no GPUs" in text
     assert len(rep.problems) == 1 and "sacct fails" in rep.problems[0]
+    assert "  slurm_account:" not in text and "slurm_account=" not in text  # no accounts listed: nothing to set
+    assert "mem_mb gpus  jobs" in text and "tiny-bert" in text
+    # `snakemake --profile slurm --slurm-status-command squeue`: the flag on the command line counts
+    flagged = cluster_check.check_cluster_report(ci_cluster(), profile=profile, profile_names=["profiles/slurm"],
+                                                 sweep=config, config_names=["config/demo.yaml"],
+                                                 status_command="squeue")
+    assert flagged.problems == []
     # with the CI overlay (squeue) there is nothing left to fix
     both = slurm.read_profiles([REPO / "profiles/slurm", REPO / "profiles/slurm-ci"])
     rep = cluster_check.check_cluster_report(ci_cluster(), profile=both, profile_names=["slurm", "slurm-ci"],

@@ -265,6 +265,44 @@ CASES = [
      "config: models.short: max_length=32 exceeds model './models/short''s 16 positions (dataset synthetic, K=1)"),
     ("override-max-length", _set("overrides", [{"clients": 2, "set": {"max_length": 1024}}]),
      "config: models.tiny-bert: max_length=1024 exceeds model 'tiny-bert''s 512 positions (dataset synthetic, K=2)"),
+    # floats where integers are meant: JSON Schema's "integer" admits 1.0; fedsweep's does not
+    ("clients-float", _set("clients", [1.0, 2]), "config: clients[0]=1.0: 1.0 is not of type 'integer'"),
+    ("seeds-float", _set("seeds", [0.0]), "config: seeds[0]=0.0: 0.0 is not of type 'integer'"),
+    ("max-length-float", _set("train.max_length", 16.0),
+     "config: train.max_length=16.0: 16.0 is not of type 'integer'"),
+    ("batch-size-whole-float", _set("train.batch_size", 4.0),
+     "config: train.batch_size=4.0: 4.0 is not of type 'integer'"),
+    ("second-threshold-float", _set("datasets.synthetic.second_threshold", 2.0),
+     "config: datasets.synthetic.second_threshold=2.0: 2.0 is not of type 'integer'"),
+    ("budget-float", _set("datasets.synthetic.budget", 1.0),
+     "config: datasets.synthetic.budget=1.0: 1.0 is not of type 'integer'"),
+    ("model-seeds-float", _set("models.tiny-bert.seeds", [1.0]),
+     "config: models.tiny-bert.seeds[0]=1.0: 1.0 is not of type 'integer'"),
+    # keys YAML reads as booleans or numbers (unquoted on/off/yes/no, 2021)
+    ("partition-key-bool", _set("partitions", {True: {"scheme": "iid"}}),
+     "config: partitions: the key True is a boolean, not a name (YAML reads unquoted on/off/yes/no as booleans "
+     "and digits as numbers): quote it"),
+    ("dataset-key-number", _dataset(2021, {"spec": SYN, "budget": 1, "second_threshold": 1}),
+     "config: datasets: the key 2021 is a number, not a name (YAML reads unquoted on/off/yes/no as booleans "
+     "and digits as numbers): quote it"),
+    # settings that would do nothing
+    ("overrides-empty-list", _set("overrides", [{"clients": [], "set": {"lr": 0.1}}]),
+     "config: overrides[0].clients=[]: [] is not valid under any of the given schemas"),
+    ("peft-none-with-rank", _set("models.tiny-bert.peft", {"method": "none", "r": 4}),
+     "config: models.tiny-bert.peft: r=4 is a LoRA setting, but method=none (use method: lora)"),
+    ("warmup-as-long-as-the-cell", _set("algorithms", {"warm": {"lr_schedule": "linear", "warmup_rounds": 2}}),
+     "config: algorithms.warm.warmup_rounds=2 is not shorter than the 2 rounds of datasets.synthetic "
+     "(second_threshold): the whole cell would train at a fraction of the lr"),
+    # knowable before any job, not only inside one
+    ("client-group-on-a-decoder", _model("tiny-llama", {"tokenizer": "minilm", "train": {"client_group": 2}}),
+     "config: models.tiny-llama: client_group=2 (client batching) does not support decoder models; use "
+     "client_group: 1 for it (dataset synthetic, K=1)"),
+    ("model-name-one-letter-off", _model("tiny-bret", {"tokenizer": "minilm"}),
+     "config: models.tiny-bret: 'tiny-bret' is no model fedsweep knows, no local folder and not in the Hugging "
+     "Face cache; did you mean 'tiny-bert'?"),
+    ("model-spec-one-letter-off", _model("mine", {"spec": "distilbert-base-casd", "tokenizer": "minilm"}),
+     "config: models.mine.spec='distilbert-base-casd': 'distilbert-base-casd' is no model fedsweep knows, no local "
+     "folder and not in the Hugging Face cache; did you mean 'distilbert-base-cased'?"),
 ]
 
 
@@ -295,6 +333,56 @@ def test_broken_config_is_one_line_before_any_job(inputs, monkeypatch, case_id, 
         load(_broken(case_id), inputs)
     assert str(err.value) == expected.replace(W, str(inputs))
     assert sorted(inputs.rglob("*")) == before  # nothing written
+
+
+def test_lora_without_peft_installed_is_one_line(inputs, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.chdir(inputs)
+    config = base_config()
+    config["models"]["tiny-llama"] = {"tokenizer": "minilm", "peft": {"method": "lora"}}
+    with pytest.raises(FedsweepError) as err:
+        load(config, inputs)
+    assert str(err.value) == ("config: models.tiny-llama.peft: LoRA needs the peft package, which is not installed "
+                              "here (pip install peft, or pip install -e '.[lora]')")
+
+
+def test_tilde_in_results_dir_is_the_home_folder(inputs, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(inputs)
+    config = base_config()
+    config["results_dir"] = "~/sweeps/results"
+    assert load(config, inputs).config["results_dir"] == str(tmp_path / "sweeps" / "results")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: 0.1\n  lr: 0.2\n", "line 3: the key 'lr' is given twice in one mapping (first at line 2); "
+                                          "YAML would silently keep the last"),
+    ("partitions:\n  on: {scheme: iid}\n", "line 2: the key 'on' is read as True (bool), not as a name (YAML reads "
+                                            "unquoted on/off/yes/no as booleans and digits as numbers): quote it, 'on'"),
+    ("", "the file is empty; a config is a mapping (models:, datasets:, ...)"),
+    ("- models\n", "the config must be a mapping (key: value), got a list"),
+    ("models: {a: [}\n", "invalid YAML at line 1, column 14: expected the node content, but found"),
+])
+def test_config_files_are_read_strictly_with_file_and_line(tmp_path, capsys, monkeypatch, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--configfile", "bad.yaml"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"fedsweep: error: --configfile 'bad.yaml': {message}"), line
+
+
+def test_snakemake_reads_its_config_files_strictly_too(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    text = yaml.safe_dump(base_config(), sort_keys=False) + "seeds: [0]\nseeds: [1]\n"
+    (work / "config/dup.yaml").write_text(text)
+    proc = snakemake(work, "-n", "--configfile", "config/dup.yaml", check=False, timeout=180)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "given twice" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
+    assert "--configfile" in lines[0] and "the key 'seeds' is given twice" in lines[0]
 
 
 # Through the wiring: the Snakefile, `fedsweep check` and `fedsweep cluster-check` (before it asks
@@ -416,3 +504,40 @@ def test_bad_data_content_fails_its_prepare_job_with_the_cause_on_the_console(tm
                       "label (column 'label') is empty"], out
     assert not (work / "results" / "runs").exists()
     assert not (work / "results" / "data" / "mine" / "meta.json").exists()
+
+
+def test_data_warnings_reach_the_console(tmp_path):
+    """A test set that is the training set: prepare_data succeeds, and its warning is on the
+    console, not only in logs/prepare_data/."""
+    work = copy_workflow(tmp_path / "wf")
+    write_inputs(work)
+    config = base_config()
+    config["datasets"] = {"mine": {"spec": {"source": "local", "train": "data/300_train.csv",
+                                            "test": "data/300_train.csv"}, "budget": 1, "second_threshold": 1}}
+    write_config(work / "config/leak.yaml", config)
+    proc = snakemake(work, "results/data/mine/meta.json", "--cores", "1", "--configfile", "config/leak.yaml",
+                     timeout=300)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("fedsweep: warning:")]
+    assert warnings == ["fedsweep: warning: dataset 'mine': 300 of 300 test texts (100.0%) also appear in the "
+                        "training set (exact duplicates): test accuracy overstates generalisation"], proc.stderr
+
+
+def test_a_data_file_replaced_with_an_older_mtime_reruns_its_data(tmp_path):
+    """`cp -p`, `tar -x`, `rsync -t`: the new file's mtime is older than the outputs', so mtime
+    alone says "up to date"; its content digest (a param of prepare_data) says otherwise."""
+    work = copy_workflow(tmp_path / "wf")
+    write_inputs(work)
+    config = base_config()
+    config["datasets"] = {"mine": local_csv(300)}
+    write_config(work / "config/local.yaml", config)
+    args = ("results/data/mine/meta.json", "--configfile", "config/local.yaml")
+    snakemake(work, "--cores", "1", *args, timeout=300)
+    assert "Nothing to be done" in (p := snakemake(work, "-n", *args)).stdout + p.stderr
+    csv = work / "data" / "300_train.csv"
+    old = csv.stat()
+    frame = pd.read_csv(csv)
+    frame.loc[0, "label"] = (frame.loc[0, "label"] + 1) % 4  # same size, other content
+    frame.to_csv(csv, index=False)
+    os.utime(csv, ns=(old.st_atime_ns, old.st_mtime_ns - 10**12))  # older than the outputs
+    dry = snakemake(work, "-n", *args)
+    assert job_counts(dry.stdout + dry.stderr) == {"prepare_data": 1}, dry.stdout

@@ -152,3 +152,22 @@ def test_plan_cell_with_max_runtime_and_per_model_settings():
     split = estimate.plan_cell(config, "yelp_review_full", "bert-base-cased", 1, 0, rows=(65_000, 5_000),
                               split_rows=rows, shape=bert.shape)
     assert split.targets == fast.targets and split.minutes(50) < fast.minutes(50)
+
+
+def test_retries_never_ask_more_than_the_partition_allows():
+    """A retry doubles its job's time; once the workflow knows the partition's MaxTime (its check
+    before the first SLURM job sets Sweep.time_limit), no request exceeds it: it would pend forever."""
+    from pathlib import Path
+
+    import yaml
+
+    from fedsweep.config import load
+
+    repo = Path(__file__).resolve().parents[1]
+    sweep = load(yaml.safe_load((repo / "config" / "config.yaml").read_text()), repo)
+    cell = sweep.cells[0]
+    rounds = sweep.plan(**cell).rounds
+    first, retry = sweep.job_minutes(cell, rounds, 1), sweep.job_minutes(cell, rounds, 2)
+    assert retry > first
+    sweep.time_limit = first + 5
+    assert sweep.job_minutes(cell, rounds, 1) == first and sweep.job_minutes(cell, rounds, 2) == first + 5

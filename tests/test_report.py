@@ -98,7 +98,7 @@ def test_accuracy_at_budget_table(report):
     assert list(table.columns) == ["model", "algorithm", "partition", "kind", "dataset", "clients", "seed", "budget",
                                    "round_used", "accuracy", "accuracy_std", "ci95_low", "ci95_high", "ci95",
                                    "binomial_se", "test_rows", "baseline_accuracy", "ratio", "baseline_algorithm",
-                                   "baseline_partition", "chance_accuracy", "seeds"]
+                                   "baseline_partition", "chance_accuracy", "seeds", "diverged_round"]
     assert set(table["partition"]) == {"iid"} and set(table["kind"]) == {"fixed_total"}  # files before partitions
     assert set(table["algorithm"]) == {"fedavg"}  # metrics without the column are FedAvg's
     # 11 seed rows + one "mean" row per (model, dataset, K): 8 cells.
@@ -322,6 +322,10 @@ def test_seed_summary_matches_hand_computation():
     one = seed_summary([0.8])
     assert one["ci95"] == "1 seed" and one["mean"] == 0.8 and math.isnan(one["ci95_low"]) and math.isnan(one["std"])
     assert seed_summary([])["ci95"] == "no seeds"
+    # two seeds far apart: t = 12.7, the interval clipped to an accuracy's range, and said so
+    wide = seed_summary([0.3, 0.7], (0.0, 1.0))
+    assert (wide["ci95_low"], wide["ci95_high"]) == (0.0, 1.0) and wide["ci95"] == "clipped to [0, 1] (2 seeds)"
+    assert wide["ci95_half_width"] == pytest.approx(12.706204736174707 * math.sqrt(0.08) / math.sqrt(2))
     assert binomial_se(0.82, 1000) == pytest.approx(math.sqrt(0.82 * 0.18 / 1000))
     assert math.isnan(binomial_se(0.82, math.nan))
 

@@ -101,9 +101,15 @@ def test_stale_checkpoint_is_refused_or_restarted_as_asked(synth_tokens, tmp_pat
     with pytest.raises(FedsweepError, match=r"from a different config \(lr: 0.05 != 0.07\); refusing to resume"):
         run(_cfg(synth_tokens, out, rounds=1, lr=0.07))
     capsys.readouterr()
+    before = torch.load(out / "checkpoint.pt", weights_only=False)
     restarted = run(_cfg(synth_tokens, out, rounds=1, lr=0.07, stale_checkpoint="restart"))
-    assert "from a different config (lr: 0.05 != 0.07); starting over (stale_checkpoint=restart)" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: checkpoint " in err and "from a different config (lr: 0.05 != 0.07); its results (metrics " \
+           "of every round) are kept in " in err and "starting over (stale_checkpoint=restart)" in err
+    # the earlier settings' results are not lost: their checkpoint (every round's metrics) is aside
+    (kept,) = (out / "replaced").glob("*/checkpoint.pt")
+    assert str(kept) in err
+    assert pd.DataFrame(torch.load(kept, weights_only=False)["metrics"]).equals(pd.DataFrame(before["metrics"]))
     fresh = run(_cfg(synth_tokens, tmp_path / "fresh", rounds=1, lr=0.07))
     pd.testing.assert_frame_equal(restarted.drop(columns=TIMING), fresh.drop(columns=TIMING))
 

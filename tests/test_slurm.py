@@ -70,6 +70,7 @@ def _fedsweep(*args: str, env: dict) -> None:
     assert res.returncode == 0, f"fedsweep {' '.join(args)} failed:\n{res.stdout}{res.stderr}"
 
 
+@pytest.mark.slow
 def test_cancelled_training_job_resumes_to_identical_metrics(cluster, tmp_path):
     """scancel a `fedsweep train` job mid-run; the resubmitted job resumes from its checkpoint
     and ends with the metrics of an uninterrupted run (bitwise, on a CPU)."""
@@ -216,6 +217,7 @@ def test_memory_request_above_the_node_is_refused_with_one_line(cluster, tmp_pat
     assert res.returncode == 1 and f"asks for mem_mb={too_much} (resources.mem_mb)" in res.stdout, res.stdout
 
 
+@pytest.mark.slow
 def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, tmp_path):
     """The demo grid (cut down) through `--profile profiles/slurm --profile profiles/slurm-ci`,
     under umask 002: every job but the local ones goes through sbatch, one training job is

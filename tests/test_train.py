@@ -96,6 +96,25 @@ def test_resume_after_sigkill_mid_round_gives_identical_metrics(synth_tokens, tm
     assert (a["test_loss"].to_numpy() == b["test_loss"].to_numpy()).all()
 
 
+@pytest.mark.slow
+def test_ctrl_c_saves_the_last_round_like_sigterm(synth_tokens, tmp_path):
+    """Ctrl-C in a terminal (SIGINT): one line saying what was saved, exit 130, no traceback."""
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsweep", "train", "--tokens-dir", str(synth_tokens / "tokens"),
+                             "--shards", _shards(synth_tokens, 2), "--model", "tiny-bert", "--epochs", "1",
+                             "--batch-size", "16", "--lr", "0.05", "--progress", "lines", "--rounds", "50",
+                             "--out-dir", str(out)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "round 1/50" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "SIGINT: saved round" in rest and "KeyboardInterrupt" not in rest and "Traceback" not in rest, rest
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["round"] >= 1
+
+
+@pytest.mark.slow
 def test_sigterm_saves_last_round_exits_143_and_resumes_bitwise(synth_tokens, tmp_path):
     out = tmp_path / "t"
     args = ["train", "--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 2),
@@ -193,3 +212,30 @@ def test_cli_train_error_is_one_line(synth_tokens, tmp_path, capsys):
                "--model", "tiny-bert", "--out-dir", str(tmp_path), "--rounds", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == "fedsweep: error: train: rounds=0 must be a positive integer"
+
+
+def test_an_exploding_loss_is_marked_diverged_everywhere(synth_tokens, tmp_path, capsys):
+    """lr 1e6: the training loss explodes (~1e7) while the accuracy sits at chance. The cell ends
+    (exit 0: its numbers are what they are) but says so on stderr, in run.json, in metrics.parquet
+    and in the report's tables, instead of passing for an ordinary low accuracy."""
+    import json
+
+    from fedsweep.report import make_report
+
+    out = tmp_path / "boom"
+    args = ["train", "--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 1),
+            "--model", "tiny-bert", "--epochs", "1", "--batch-size", "16", "--lr", "1e6", "--rounds", "2",
+            "--progress", "none", "--out-dir", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: diverged at round 1: training loss" in err and "x the initial" in err, err
+    diverged = json.loads((out / "run.json").read_text())["diverged"]
+    assert diverged["round"] == 1 and diverged["train_loss"] > 100 * diverged["initial_loss"]
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert list(metrics["diverged"]) == [False, True, True]
+    config = tmp_path / "report.yaml"
+    config.write_text("datasets: {synth: {budget: 2, second_threshold: 2}}\n")
+    make_report([str(out / "metrics.parquet")], str(config), str(tmp_path / "tables"), str(tmp_path / "figures"))
+    rounds = pd.read_csv(tmp_path / "tables" / "rounds_to_target.csv")
+    assert (rounds["status"] == "diverged at round 1").all()
+    assert (pd.read_csv(tmp_path / "tables" / "accuracy_at_budget.csv")["diverged_round"] == 1).all()

@@ -59,9 +59,10 @@ SETTINGS = table([
     Setting("adam_beta2", 0.999, "number", "adamw: second-moment decay", **_UNIT),
     Setting("adam_eps", 1e-8, "number", "adamw: epsilon", low=0, low_open=True),
     Setting("weight_decay", 0.0, "number", "adamw: decoupled weight decay", low=0),
-    Setting("lr_schedule", "constant", "string", "the client lr over rounds: constant, or linear warmup then "
-            "decay", choices=LR_SCHEDULES),
-    Setting("warmup_rounds", 0, "integer", "linear warmup of the client lr over this many rounds", low=0),
+    Setting("lr_schedule", "constant", "string", "the client lr over the R rounds: constant, or linear decay "
+            "after the warmup (round W+1 at lr, the last at lr / (R - W))", choices=LR_SCHEDULES),
+    Setting("warmup_rounds", 0, "integer", "linear warmup of the client lr over this many rounds (either "
+            "schedule; shorter than the cell)", low=0),
     Setting("clients_per_round", 0, "integer", "clients sampled per round (uniform without replacement, "
             "seeded); 0 = all", low=0),
     Setting("client_fraction", 1.0, "number", "or the fraction of the clients sampled per round", low=0,

@@ -18,6 +18,8 @@ rounds were trained at, the rounds it has saved since, and what a SIGTERM leaves
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,6 +98,19 @@ def save_checkpoint(path: Path, *, weights: torch.Tensor, round_: int, rows: lis
         torch.save(state, tmp)
 
 
+def keep_aside(path: Path) -> Path:
+    """Move a stale checkpoint (made with other settings, data or model) to
+    ``replaced/<its time>/checkpoint.pt`` beside it, rather than deleting it: it holds the metrics
+    of every round it trained, the results of the earlier settings (e.g. another config that
+    shares the results folder and the cell's names). Returns where it went."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    folder = path.parent / "replaced" / stamp
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    os.replace(path, target)
+    return target
+
+
 class RunCheckpoint:
     """The checkpoint of one run: the one it resumed (``loaded``, None for a fresh start), the
     metrics rows so far (``rows``: the checkpoint's, then this run's), the round it starts at, the
@@ -114,16 +129,18 @@ class RunCheckpoint:
     def open(cls, path: Path, cfg_hash: str, hashed: dict[str, Any], algorithm: dict[str, Any], *, rounds: int,
              restart_stale: bool, writer: bool, log: Callable[[str], None]) -> "RunCheckpoint":
         """The checkpoint at ``path`` for a run of ``rounds`` rounds. A stale one is refused
-        (:class:`StaleCheckpoint`) or, with ``restart_stale``, deleted by the ``writer`` process;
-        ``log`` says so, and warns of a resume at another thread count."""
+        (:class:`StaleCheckpoint`) or, with ``restart_stale``, moved aside by the ``writer``
+        process (:func:`keep_aside`: the earlier settings' results are never lost); ``log`` says
+        so, and warns of a resume at another thread count."""
         try:
             loaded = load_checkpoint(path, cfg_hash, hashed, algorithm)
         except StaleCheckpoint as exc:
             if not restart_stale:
                 raise
             if writer:
-                log(f"{str(exc).split('; ')[0]}; starting over (stale_checkpoint=restart)")
-                path.unlink(missing_ok=True)
+                kept = keep_aside(path)
+                log(f"warning: {str(exc).split('; ')[0]}; its results (metrics of every round) are kept in "
+                    f"{kept}; starting over (stale_checkpoint=restart)")
             loaded = None
         run = cls(path, cfg_hash, hashed, loaded)
         if run.start_round <= rounds:  # rounds will be trained at this count

@@ -195,7 +195,7 @@ def cmd_cluster_check(a: argparse.Namespace) -> None:
     report = cluster_check.check_cluster_report(
         info, profile=profile, profile_names=[str(p) for p in profiles], sweep=sweep,
         config_names=[str(c) for c in configfiles], partition=a.partition,
-        accounts=slurm.user_accounts())
+        accounts=slurm.user_accounts(), status_command=a.slurm_status_command)
     print("\n".join(report.lines))
     if report.problems:
         problems = cluster_check.summarize_problems(report.problems)
@@ -299,21 +299,27 @@ def _sweep_commands(sub) -> None:
     s.add_argument("--partition", help="check the training jobs against this partition (default: the "
                                        "profile's slurm_partition, else the cluster's default)")
     s.add_argument("--workflow-dir", default=".", help="the repository (Snakefile, workflow/, config/, profiles/)")
+    s.add_argument("--slurm-status-command", choices=["sacct", "squeue"],
+                   help="the snakemake flag of the same name, if you give it on the command line (over the profile)")
     s.add_argument("--calibrate", metavar="RESULTS_DIR",
                    help="instead: the training throughput of finished cells (run.json), per model, as config")
     s.set_defaults(func=cmd_cluster_check)
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the `fedsweep` process itself, not a caller in Python
     argv = sys.argv[1:] if argv is None else list(argv)
     from . import stop  # imports only `signal`: installed before torch, so SIGTERM is never lost
 
-    # Only `train` stops gracefully on SIGTERM; every other command keeps the default (die).
+    # Only `train` stops gracefully on SIGTERM and SIGINT; every other command keeps the defaults.
     owns_stop = argv[:1] == ["train"] and not stop.handler_installed() and stop.install_stop_handler()
     try:
         return _main(argv)
     finally:
-        if owns_stop:
+        # A caller in Python gets its handlers back. The process keeps ours to its end: a SIGTERM
+        # after the final writes must not kill it during interpreter shutdown (rc -15, a failed
+        # job to SLURM and Snakemake, for a complete cell).
+        if owns_stop and not as_program:
             stop.uninstall_stop_handler()
 
 

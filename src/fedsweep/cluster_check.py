@@ -39,9 +39,13 @@ def _profile_value(profile: dict[str, Any], key: str) -> Any:
 
 def check_cluster_report(info: ClusterInfo, *, profile: dict[str, Any], profile_names: Sequence[str],
                          sweep: Sweep | None, config_names: Sequence[str],
-                         partition: str | None = None, accounts: Sequence[str] = ()) -> CheckReport:
+                         partition: str | None = None, accounts: Sequence[str] = (),
+                         status_command: str | None = None) -> CheckReport:
     """What ``fedsweep cluster-check`` prints: the cluster, the settings to use, and each problem
-    (a line that would make the run hang or a job be refused)."""
+    (a line that would make the run hang or a job be refused). ``status_command``: the
+    ``--slurm-status-command`` the run will be given on the command line (over the profile's)."""
+    if status_command:
+        profile = {**profile, "slurm-status-command": status_command}
     rep = CheckReport()
     defaults = resource_items(profile.get("default-resources"))
     train_set = set_resources_of(profile, "train")
@@ -139,18 +143,20 @@ def _cell_lines(rep: CheckReport, part: Partition, plans: list[tuple[str, str, C
     rep.add()
     rep.add(f"{' + '.join(config_names)}: {len(plans)} training cell(s) on partition {part.name} "
             f"(memory: {part.max_memory_mb} MB per node, MaxTime {format_minutes(part.max_time)})")
-    rep.add(f"  {'data set':<20} {'model':<24} {'parameters':<18} {'mem_mb':>7} {'jobs':>5}  minutes per job")
-    shown_cells: set[tuple[str, str, int, tuple[int, ...]]] = set()
+    rep.add(f"  {'data set':<20} {'model':<24} {'parameters':<18} {'mem_mb':>7} {'gpus':>4} {'jobs':>5}  "
+            f"minutes per job")
+    shown_cells: set[tuple[str, str, int, int, tuple[int, ...]]] = set()
     for dataset, model, plan in plans:
         minutes = [plan.minutes(t) for t in plan.targets]
-        key = (dataset, model, plan.mem_mb, tuple(minutes))
+        key = (dataset, model, plan.mem_mb, plan.gpus, tuple(minutes))
         if key in shown_cells:
             continue
         shown_cells.add(key)
         shown = "+".join(str(m) for m in minutes) if len(minutes) <= 4 else (
             f"{len(minutes)} x ~{max(minutes)}")
         shape = f"{plan.shape.params / 1e6:.1f}M {plan.shape.source}"
-        rep.add(f"  {dataset:<20} {model:<24} {shape:<18} {plan.mem_mb:>7} {len(plan.targets):>5}  {shown}")
+        rep.add(f"  {dataset:<20} {model:<24} {shape:<18} {plan.mem_mb:>7} {plan.gpus:>4} {len(plan.targets):>5}  "
+                f"{shown}")
 
 
 def _settings_lines(rep: CheckReport, part: Partition | None, config: dict[str, Any] | None, needs_squeue: bool,
@@ -163,8 +169,8 @@ def _settings_lines(rep: CheckReport, part: Partition | None, config: dict[str, 
     lines.append("default-resources:")
     if part is not None:
         lines.append(f"  slurm_partition: {part.name}")
-    lines.append(f"  slurm_account: {account or (accounts[0] if accounts else 'myacct')}"
-                 + ("" if account or accounts else "   # only if your cluster has accounts"))
+    if account or accounts:  # no accounts found: nothing to set (the plugin's guess is harmless)
+        lines.append(f"  slurm_account: {account or accounts[0]}")
     runtime_default = 120 if part is None or part.max_time is None else min(120, part.max_time)
     mem_default = 8000 if part is None or not part.nodes else min(8000, part.max_memory_mb)
     lines.append(f"  runtime: {runtime_default}")

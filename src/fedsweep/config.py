@@ -17,57 +17,21 @@ import functools
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import FedsweepError, dataspec, estimate, grid, modelspec
+from . import inputs as inputs_
+from .configfile import read_files
+from .modelspec import spec_slug
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "config.schema.yaml"
 GUESSED_ROWS = (100_000, 10_000)  # a hub data set with no preset, before its download
-SLUG_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 def error(message: str) -> FedsweepError:
     return FedsweepError(f"config: {message}")
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Merge as Snakemake merges several --configfile: mappings recursively, the rest replaced."""
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def read_files(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
-    """The config files merged in order (later ones win), each a YAML mapping."""
-    import yaml
-
-    config: dict[str, Any] = {}
-    for f in paths:
-        try:
-            loaded = yaml.safe_load(Path(f).read_text())
-        except OSError as exc:
-            raise FedsweepError(f"--configfile {str(f)!r}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise FedsweepError(f"--configfile {str(f)!r}: invalid YAML{at}: {problem}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise FedsweepError(f"--configfile {str(f)!r}: the config must be a mapping (key: value), got "
-                                f"{type(loaded).__name__}")
-        _deep_update(config, loaded)
-    return config
 
 
 # ----------------------------------------------------------------------------- the schema
@@ -89,7 +53,27 @@ def _validator():
                 instance.setdefault(name, sub["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return validators.extend(base, {"properties": set_defaults})(schema)
+    # An integer is an int: JSON Schema's "integer" admits 1.0, which would become a path "K1.0"
+    # or a flag "--max-length 16.0" and fail late, far from the config.
+    integers = base.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool))
+    return validators.extend(base, {"properties": set_defaults}, type_checker=integers)(schema)
+
+
+def validate_non_text_keys(value: Any, where: str = "") -> None:
+    """Every mapping key is text (a config given as a mapping, e.g. through --config, may hold
+    the booleans and numbers YAML reads from unquoted on/off/yes/no and digits)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            validate_non_text_keys(item, f"{where}[{i}]")
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        if not isinstance(key, str):
+            kind = "boolean" if isinstance(key, bool) else "number" if isinstance(key, (int, float)) else "value"
+            raise error(f"{where or '(top level)'}: the key {key!r} is a {kind}, not a name (YAML reads unquoted "
+                        f"on/off/yes/no as booleans and digits as numbers): quote it")
+        validate_non_text_keys(item, f"{where}.{key}".lstrip("."))
 
 
 def _field(path: Iterable[Any]) -> str:
@@ -144,6 +128,9 @@ def _distinct(values: list[Any], where: str) -> None:
 
 def check_values(config: dict[str, Any], base_dir: str | os.PathLike = ".") -> None:
     """The cross-field checks the schema cannot express, then the grid's (one line)."""
+    for key in ("results_dir", "hf_home"):  # a folder literally named "~" is never what was meant
+        if isinstance(config.get(key), str):
+            config[key] = os.path.expanduser(config[key])
     bad = _non_finite(config, "")
     if bad:
         raise error(f"{bad[0]}={bad[1]!r} must be a finite number")
@@ -166,6 +153,26 @@ def check_values(config: dict[str, Any], base_dir: str | os.PathLike = ".") -> N
     except FedsweepError as exc:
         raise error(str(exc)) from None
     tokenizers(config)
+    check_settings_use(config)
+
+
+def check_settings_use(config: dict[str, Any]) -> None:
+    """Settings that would silently do nothing: adapters' settings with ``method: none``, a
+    warmup that lasts as long as the cell (its whole run at a fraction of the lr)."""
+    from . import adapters
+
+    for name, model in config["models"].items():
+        try:
+            adapters.parse(model.get("peft"), f"models.{name}.peft")
+        except FedsweepError as exc:
+            raise error(str(exc)) from None
+    for cell in grid.cells(config):
+        warmup = grid.algorithm_settings(config, cell["algorithm"]).get("warmup_rounds", 0)
+        rounds = config["datasets"][cell["dataset"]]["second_threshold"]
+        if warmup and warmup >= rounds:
+            raise error(f"algorithms.{cell['algorithm']}.warmup_rounds={warmup} is not shorter than the "
+                        f"{rounds} rounds of datasets.{cell['dataset']} (second_threshold): the whole cell "
+                        f"would train at a fraction of the lr")
 
 
 # ----------------------------------------------------------------------------- models and tokenizers
@@ -177,11 +184,6 @@ def model_spec(config: dict[str, Any], model: str) -> str:
 
 def tokenizer_spec(config: dict[str, Any], model: str) -> str:
     return config["models"][model].get("tokenizer", model_spec(config, model))
-
-
-def spec_slug(spec: str) -> str:
-    """A filesystem-safe key for a model or tokenizer spec (hub ids contain '/', paths more)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec).strip("-.") or "tokenizer"
 
 
 def tokenizers(config: dict[str, Any]) -> dict[str, str]:
@@ -214,7 +216,14 @@ class Sweep:
     rows: dict[str, tuple[int, int] | None] = field(default_factory=dict)  # known before any download
     data_files: dict[str, list[str]] = field(default_factory=dict)  # local files of each data set
     model_files: dict[str, list[str]] = field(default_factory=dict)  # slug -> files of local model folders
+    # sha256 of those files (as params, a file replaced by one with an older mtime reruns its jobs)
+    data_digests: dict[str, list[str]] = field(default_factory=dict)
+    model_digests: dict[str, list[str]] = field(default_factory=dict)
+    file_cache: dataspec.RowCountCache | None = None  # row counts and digests by file stamp
     in_job: bool = False
+    # The longest job the cluster's partition allows (minutes; SLURM's MaxTime, found by the
+    # workflow's check before the first job): a retry, which doubles its time, never asks more.
+    time_limit: int | None = None
 
     def cell_train(self, cell: dict[str, Any]) -> dict[str, Any]:
         return grid.cell_train(self.config, **cell)
@@ -248,6 +257,13 @@ class Sweep:
         except FedsweepError as exc:
             raise error(f"resources.max_runtime: {exc}") from None
 
+    def job_minutes(self, cell: dict[str, Any], target: int, attempt: int = 1) -> int:
+        """SLURM -t of the cell's job that trains up to round ``target``: estimated or given,
+        doubled per retry (a retry resumes from the checkpoint), at most max_runtime and the
+        partition's MaxTime (a request above it would pend forever)."""
+        minutes = self.plan(**cell).minutes(target, attempt)
+        return min(minutes, self.time_limit) if self.time_limit else minutes
+
     def __hash__(self) -> int:  # for functools.cache of plan(): one sweep, one identity
         return id(self)
 
@@ -257,91 +273,35 @@ def _shape(spec: str) -> modelspec.ModelShape:
     return modelspec.model_shape(spec)
 
 
-def _strip_prefix(message: str, name: str) -> str:
-    return message.removeprefix(f"dataset {name!r}: ").removeprefix(f"model {name!r}: ")
-
-
-def check_data(sweep: Sweep, row_cache: dataspec.RowCountCache | None = None) -> None:
-    """Each data set's spec as ``fedsweep prepare`` checks it, its local files and row counts."""
-    for name, ds in sweep.config["datasets"].items():
-        spec = ds.get("spec", {})
-        try:
-            sweep.rows[name] = dataspec.dataset_rows(name, spec, sweep.base_dir, row_cache)
-            resolved = dataspec.resolve_spec(name, spec)
-            sweep.data_files[name] = (dataspec.local_files(resolved, sweep.base_dir)
-                                      if resolved["source"] == "local" else [])
-        except FedsweepError as exc:
-            raise error(f"datasets.{name}.spec: {_strip_prefix(str(exc), name)}") from None
-    if row_cache is not None:
-        row_cache.save()
-
-
-def check_shards(sweep: Sweep) -> None:
-    """Shards smaller than a batch, or more clients than rows, before any job runs."""
-    config = sweep.config
-    for cell in sweep.cells:
-        rows = sweep.rows.get(cell["dataset"])
-        if rows is None:
-            continue
-        batch_size = sweep.cell_train(cell)["batch_size"]
-        k, where = cell["clients"], f"datasets.{cell['dataset']}"
-        per_client = grid.partition_settings(config, cell["partition"]).get("per_client")
-        scheme = grid.partition_settings(config, cell["partition"]).get("scheme", "iid")
-        field_ = grid.partition_field(config, cell["partition"])
-        if k > rows[0]:
-            raise error(f"clients={k} exceeds the {rows[0]} training rows of {where}")
-        if per_client is not None and per_client * k > rows[0]:
-            raise error(f"{field_}.per_client={per_client} x clients={k} needs {per_client * k} training rows; "
-                        f"{where} has {rows[0]}")
-        shard = per_client if per_client is not None else rows[0] // k
-        if scheme == "iid" and shard < batch_size:
-            raise error(f"clients={k} splits the {rows[0]} training rows of {where} into shards smaller than "
-                        f"batch_size={batch_size} (model {cell['model']})" if per_client is None else
-                        f"{field_}.per_client={per_client} is smaller than batch_size={batch_size} "
-                        f"(model {cell['model']}, {where})")
-
-
-def check_models(sweep: Sweep) -> None:
-    """Local model folders (their files are inputs: an edited model reruns its cells) and each
-    model's longest max_length against its positions."""
-    config = sweep.config
-    for model in config["models"]:
-        for key, spec in (("spec", model_spec(config, model)), ("tokenizer", config["models"][model].get("tokenizer"))):
-            if spec is None:
-                continue
-            try:
-                sweep.model_files[spec_slug(spec)] = modelspec.model_files(spec)
-            except FedsweepError as exc:
-                raise error(f"models.{model}.{key}={spec!r}: {_strip_prefix(str(exc), spec)}") from None
-        cells = [c for c in sweep.cells if c["model"] == model]
-        if not cells:
-            continue
-        longest = max(cells, key=lambda c: sweep.cell_train(c)["max_length"])
-        try:
-            modelspec.check_max_length(model_spec(config, model), sweep.cell_train(longest)["max_length"], "")
-        except FedsweepError as exc:
-            raise error(f"models.{model}: {exc} (dataset {longest['dataset']}, K={longest['clients']})") from None
-
-
 def load(config: dict[str, Any] | Sequence[str | os.PathLike], base_dir: str | os.PathLike = ".", *,
-         inputs: bool = True, in_job: bool = False, row_cache: str | os.PathLike | None = None) -> Sweep:
+         inputs: bool = True, in_job: bool = False, row_cache: str | os.PathLike | None = None,
+         files: Sequence[str | os.PathLike] = ()) -> Sweep:
     """The checked sweep of ``config`` (a mapping, validated in place, or config files).
 
     ``inputs``: also check the inputs (data files, model folders, shard sizes) and plan every
     cell; inside a cluster job (``in_job``) these were checked on the head node before any job,
     and are not repeated. ``row_cache``: a file that keeps the row counts of local data files
-    (by path, size and mtime), so a large CSV is counted once."""
+    (by path, size and mtime), so a large CSV is counted once. ``files``: the config files a
+    mapping was read from (Snakemake reads them itself), read again strictly (duplicate keys,
+    keys YAML turns into booleans or numbers)."""
     if not isinstance(config, dict):
         config = read_files(config)
+    elif files:
+        read_files(files)
+    validate_non_text_keys(config)
     validate_schema(config)
     check_values(config, base_dir)
     sweep = Sweep(config, grid.cells(config), str(base_dir), in_job=in_job)
     if in_job or not inputs:
         sweep.rows = {name: None for name in config["datasets"]}
         return sweep
-    check_data(sweep, dataspec.RowCountCache(row_cache) if row_cache else None)
-    check_shards(sweep)
-    check_models(sweep)
+    sweep.file_cache = dataspec.RowCountCache(row_cache) if row_cache else None
+    inputs_.check_data(sweep)
+    inputs_.check_shards(sweep)
+    inputs_.check_models(sweep)
+    inputs_.check_model_kinds(sweep)
+    if sweep.file_cache is not None:
+        sweep.file_cache.save()
     for cell in sweep.cells:
         sweep.plan(**cell)
     return sweep

@@ -304,9 +304,17 @@ def count_local_rows(spec: dict[str, Any], base_dir: str | os.PathLike | None = 
 # ----------------------------------------------------------------------------- rows before any job
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
+    """What tells that a file changed: path, size, mtime, and ctime and inode too, because a file
+    replaced by one with an older mtime (``cp -p``, ``tar -x``, ``rsync -t``) has a new ctime (the
+    kernel sets it) or inode, where its mtime alone would say "unchanged"."""
+    st = os.stat(path)
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
 class RowCountCache:
-    """Row counts of local data files, keyed by (path, size, mtime): a large CSV is counted once,
-    and again only after it changed."""
+    """Row counts and content digests of local input files, keyed by their :func:`file_stamp`: a
+    large CSV is counted (and hashed) once, and again only after it changed."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
@@ -320,10 +328,7 @@ class RowCountCache:
 
     @staticmethod
     def key(files: list[str], spec: dict[str, Any]) -> str:
-        stamps = []
-        for f in files:
-            st = os.stat(f)
-            stamps.append((f, st.st_size, st.st_mtime_ns))
+        stamps = [file_stamp(f) for f in files]
         caps = {k: spec.get(k) for k in ("max_train", "max_test", "header", "lines", "encoding")}
         return json.dumps([stamps, caps], sort_keys=True)
 
@@ -334,6 +339,20 @@ class RowCountCache:
     def put(self, key: str, rows: tuple[int, int]) -> None:
         self.entries[key] = list(rows)
         self.dirty = True
+
+    def digest(self, path: str | os.PathLike) -> str:
+        """The sha256 of a file's content (cached by its stamp: a chmod rehashes, reruns nothing)."""
+        key = json.dumps(["sha256", file_stamp(path)])
+        if key not in self.entries:
+            import hashlib
+
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            self.entries[key] = sha.hexdigest()
+            self.dirty = True
+        return self.entries[key]
 
     def save(self) -> None:
         if not (self.path and self.dirty):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,3 +345,33 @@ def fetch(spec: str) -> dict[str, Any]:
     # Prefer safetensors: when both exist, skip nothing, but record what the snapshot holds.
     files = sorted(p.name for p in Path(path).iterdir())
     return {"spec": spec, "kind": "hub", "repo_id": source, "path": path, "files": files}
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def spec_slug(spec: str) -> str:
+    """A filesystem-safe key for a model or tokenizer spec (hub ids contain '/', paths more)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec).strip("-.") or "tokenizer"
+
+
+def is_decoder(spec: str) -> bool:
+    """Whether a spec is a decoder (causal LM) architecture, as far as this machine can tell (its
+    config.json where it has one; a hub model not downloaded yet counts as not one)."""
+    if spec in TINY_DECODERS:
+        return True
+    config = config_json(spec) or {}
+    return config.get("model_type") in _DECODER_TYPES or any(
+        str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def near_miss(spec: str) -> str | None:
+    """The known model name ``spec`` is one or two letters off (a typo), when ``spec`` itself is
+    no name fedsweep knows, no local folder and not in the Hugging Face cache."""
+    import difflib
+
+    known = (*TINY_FAMILIES, *MINILM_ALIASES, *PAPER_MODELS, *PAPER_MODELS.values(), *KNOWN_CONFIGS)
+    if spec in known or "/" in spec or looks_like_local_path(spec) or config_json_path(spec) is not None:
+        return None
+    close = difflib.get_close_matches(spec, known, n=1, cutoff=0.85)
+    return close[0] if close else None

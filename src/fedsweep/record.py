@@ -11,6 +11,7 @@ throughput, sizes and communication, and the client update's own sections
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import subprocess
@@ -41,6 +42,8 @@ METRIC_COLUMNS = [
     # peak memory so far (GPU: torch.cuda.max_memory_allocated; CPU: the peak RSS from getrusage)
     "trainable_parameters", "total_parameters", "upload_bytes", "download_bytes", "upload_bytes_per_client",
     "peak_memory_bytes",
+    # True from the round whose training loss exploded on (DIVERGENCE_FACTOR; run.json "diverged")
+    "diverged",
 ]
 
 
@@ -92,6 +95,24 @@ def initial_row(accuracy: float, loss: float, eval_seconds: float, sizes: dict[s
             "eval_seconds": eval_seconds, "clients_sampled": 0, **sizes}
 
 
+# A cell diverged when a round's training loss exceeds this many times the initial test loss
+# (round 0, ~ln C): its accuracy is then no result about K, and it is marked so everywhere.
+DIVERGENCE_FACTOR = 100.0
+
+
+def divergence(metrics: pd.DataFrame) -> dict[str, float] | None:
+    """The first round whose training loss exploded (see DIVERGENCE_FACTOR), or None."""
+    start = metrics.loc[metrics["round"] == 0, "test_loss"]
+    initial = float(start.iloc[0]) if len(start) and math.isfinite(start.iloc[0]) else math.log(2)
+    limit = DIVERGENCE_FACTOR * max(initial, math.log(2))
+    exploded = metrics[(metrics["round"] > 0) & (metrics["train_loss"] > limit)]
+    if exploded.empty:
+        return None
+    first = exploded.iloc[0]
+    return {"round": int(first["round"]), "train_loss": float(first["train_loss"]), "initial_loss": initial,
+            "factor": DIVERGENCE_FACTOR}
+
+
 def metrics_frame(rows: list[dict[str, Any]], cfg: Any, tmeta: dict[str, Any], num_clients: int,
                   test_rows: int) -> pd.DataFrame:
     """The rows up to round ``cfg.rounds`` (a checkpoint may hold more), in :data:`METRIC_COLUMNS`,
@@ -106,6 +127,8 @@ def metrics_frame(rows: list[dict[str, Any]], cfg: Any, tmeta: dict[str, Any], n
            "test_rows": test_rows}
     for k, v in reversed(ids.items()):
         metrics.insert(0, k, v)
+    diverged = divergence(metrics)
+    metrics["diverged"] = metrics["round"] >= diverged["round"] if diverged else False
     return metrics
 
 
@@ -119,6 +142,7 @@ def run_summary(cfg: Any, metrics: pd.DataFrame, *, checkpoint: RunCheckpoint, t
     trained = metrics[metrics["round"] > 0]
     sizes = shards.sizes
     return {
+        "diverged": divergence(metrics),
         "config": dataclasses.asdict(cfg), "config_hash": checkpoint.cfg_hash,
         "resumed_from_round": checkpoint.start_round - 1,
         "fedsweep": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
@@ -130,6 +154,9 @@ def run_summary(cfg: Any, metrics: pd.DataFrame, *, checkpoint: RunCheckpoint, t
         "peak_memory_bytes": peak_memory(device),
         "final_test_accuracy": float(metrics["test_accuracy"].dropna().iloc[-1]),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # what the job asked SLURM for (--gpus), beside what it saw ("device", "world_size")
+        "slurm_gpus": os.environ.get("SLURM_GPUS") or os.environ.get("SLURM_GPUS_ON_NODE"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
         # Threads: CPU results are bitwise reproducible (and resumable) at one count only.
         "threads": checkpoint.threads, "threads_at_checkpoint": checkpoint.threads_at_checkpoint,
         "thread_history": [{"from_round": r, "threads": n} for r, n in checkpoint.thread_history],

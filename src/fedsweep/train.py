@@ -361,6 +361,10 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
         footprint=cell.footprint, clients_each_round=cell.per_round, test_rows=len(cell.test_len),
         client_update_sections=cell.client_update.summary(), bf16=bf16, wall_seconds=wall, device=ranks.device,
         world=ranks.world)
+    if summary["diverged"]:
+        d = summary["diverged"]
+        cell.say(f"warning: diverged at round {d['round']}: training loss {d['train_loss']:.3g} > "
+                 f"{d['factor']:g} x the initial {d['initial_loss']:.3g}; its accuracy is no result")
     if ranks.rank == 0:
         write_parquet(out / "metrics.parquet", metrics)
         write_json(out / "run.json", summary)
@@ -368,7 +372,7 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
             ckpt.path.unlink()
     cell.client_update.close(keep=cfg.keep_checkpoint)
     if stop_signal.stop_requested():
-        cell.say("SIGTERM during the final writes: they completed, the run is complete")
+        cell.say(f"{stop_signal.requested_signal()} during the final writes: they completed, the run is complete")
         stop_signal.clear_stop_request()
     ranks.close()
     return metrics
@@ -422,8 +426,9 @@ def _stopped(cell: _Cell, ckpt: RunCheckpoint, *, interrupted: bool) -> None:
     if saved_now:
         cell.save(ckpt, ckpt.last_round)
     if interrupted:
-        cell.say(f"SIGTERM: {ckpt.stop_message(saved_now)}")
+        name, code = stop_signal.requested_signal(), stop_signal.exit_code()
+        cell.say(f"{name}: {ckpt.stop_message(saved_now)}")
         stop_signal.clear_stop_request()  # served: a caller that goes on is not stopped again
         cell.ranks.close()
-        raise SystemExit(143) from None
+        raise SystemExit(code) from None
     cell.ranks.close()

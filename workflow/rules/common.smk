@@ -36,6 +36,7 @@ try:
         os.getcwd(),
         in_job=workflow.remote_exec,
         row_cache=".snakemake/fedsweep/row_counts.json",
+        files=workflow.configfiles,
     )
 except FedsweepError as exc:
     raise ConfigError(str(exc)) from None

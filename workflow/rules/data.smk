@@ -20,12 +20,16 @@ rule prepare_data:
         spec=lambda wildcards: json.dumps(
             config["datasets"][wildcards.dataset].get("spec", {}), sort_keys=True
         ),
+        # the files' content: one replaced by a file with an older mtime reruns it too
+        digests=lambda wildcards: SWEEP.data_digests.get(wildcards.dataset),
         out_dir=lambda wildcards, output: os.path.dirname(output.meta),
     shell:
         show_cause(
             ONLINE_ENV
             + " fedsweep prepare --name {wildcards.dataset} --spec {params.spec:q}"
             " --out-dir {params.out_dir} > {log} 2>&1"
+            # its warnings (test texts in the training set, ...) on the console too, not only the log
+            " && {{ grep -h '^fedsweep: warning' {log} >&2 || true; }}"
         )
 
 
@@ -43,6 +47,7 @@ rule fetch_model:
         ENV
     params:
         spec=lambda wildcards: FETCH[wildcards.spec_slug],
+        digests=lambda wildcards: SWEEP.model_digests.get(wildcards.spec_slug),
         max_length=lambda wildcards: max_length_of_spec(FETCH[wildcards.spec_slug]),
     shell:
         show_cause(

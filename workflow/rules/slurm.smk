@@ -74,9 +74,17 @@ def check_cluster():
     )
     if problem:
         raise ClusterError(f"slurm: {problem}")
-    problems = [
-        p for r in job_requests() for p in slurm_checks.request_problems(r, info)
-    ]
+    requests = list(job_requests())
+    problems = [p for r in requests for p in slurm_checks.request_problems(r, info)]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ClusterError(f"slurm: {problems[0]}{more}")
+    # Retries double a job's time: never beyond what the training jobs' partitions allow.
+    limits = [
+        part.max_time
+        for r in requests
+        if r.name.startswith("training job")
+        and (part := info.partition(r.partition)) is not None
+        and part.max_time is not None
+    ]
+    SWEEP.time_limit = min(limits, default=None)

@@ -28,6 +28,10 @@ TRAIN_JOB = (
     " --algorithm {wildcards.algorithm} --partition {wildcards.partition}"
     " --rounds {params.rounds} --settings {params.settings:q} --progress lines"
     " --stale-checkpoint restart --out-dir {params.out_dir} >> {log} 2>&1"
+    # this job's warnings (a diverged cell, earlier results kept aside, another thread count) on
+    # the console too: the lines after the log's last header
+    " && {{ awk '/^==== /{{n = NR}} {{line[NR] = $0}} END {{for (i = n; i <= NR; i++)"
+    " if (line[i] ~ /warning: /) print line[i]}}' {log} >&2 || true; }}"
 )
 
 
@@ -44,10 +48,11 @@ KEEP_SEGMENT = (
 # runs) and params.
 TRAIN_RESOURCES = dict(
     gpu=lambda wildcards: cell_plan(wildcards).gpus,
-    # minutes: given or estimated, doubled per retry (a retry resumes from the checkpoint), at
-    # most max_runtime; a chain link's up to its round
-    runtime=lambda wildcards, attempt: cell_plan(wildcards).minutes(
-        int(wildcards.get("rounds", cell_plan(wildcards).rounds)), attempt
+    # minutes (fedsweep.config.Sweep.job_minutes; a chain link's up to its round)
+    runtime=lambda wildcards, attempt: SWEEP.job_minutes(
+        cell_of(wildcards),
+        int(wildcards.get("rounds", cell_plan(wildcards).rounds)),
+        attempt,
     ),
     mem_mb=lambda wildcards: cell_plan(wildcards).mem_mb,
     attempt=lambda wildcards, attempt: attempt,

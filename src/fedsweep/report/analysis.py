@@ -40,6 +40,7 @@ class Run:
     # The mean run: the lowest and highest seed at every round of ``curve`` (the band of Fig. 3).
     low: pd.Series | None = None
     high: pd.Series | None = None
+    diverged_round: int | None = None  # the round its training loss exploded (fedsweep.record.divergence)
 
 
 # ----------------------------------------------------------------------------- order
@@ -66,11 +67,16 @@ def reference_partition(partitions) -> str:
 # ----------------------------------------------------------------------------- statistics
 
 
-def seed_summary(values) -> dict[str, Any]:
+ACCURACY_RANGE = (0.0, 1.0)
+
+
+def seed_summary(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict[str, Any]:
     """Mean, standard deviation (n - 1) and 95% t-interval of the mean of per-seed values.
 
     One seed: no spread and no interval (NaN), and the ``ci95`` note says "1 seed", so a table
-    never shows a made-up interval; none: "no seeds".
+    never shows a made-up interval; none: "no seeds". The interval is clipped to ``bounds``, the
+    metric's range (an accuracy's [0, 1]: over 2 seeds t = 12.7 reaches far beyond it), and the
+    note then says so.
     """
     values = np.asarray([v for v in values if v is not None and not pd.isna(v)], dtype="float64")
     n = len(values)
@@ -83,8 +89,10 @@ def seed_summary(values) -> dict[str, Any]:
         return {**out, "ci95": "1 seed"}
     std = float(values.std(ddof=1))
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
-    return {**out, "std": std, "ci95_low": out["mean"] - half, "ci95_high": out["mean"] + half,
-            "ci95_half_width": half}
+    low, high = max(out["mean"] - half, bounds[0]), min(out["mean"] + half, bounds[1])
+    clipped = low > out["mean"] - half or high < out["mean"] + half
+    return {**out, "std": std, "ci95_low": low, "ci95_high": high, "ci95_half_width": half,
+            "ci95": f"clipped to [{bounds[0]:g}, {bounds[1]:g}] ({n} seeds)" if clipped else ""}
 
 
 def binomial_se(accuracy: float, test_rows: float) -> float:
@@ -107,6 +115,8 @@ def learning_runs(metrics: pd.DataFrame) -> list[Run]:
     evaluated = metrics.loc[metrics["test_accuracy"].notna(), cell_keys + ["seed", "round", "test_accuracy"]]
     evaluated = evaluated.sort_values(cell_keys + ["seed", "round"], kind="stable")
     positions = evaluated.groupby(cell_keys + ["seed"], sort=False).indices
+    exploded = metrics[metrics["diverged"].fillna(False).astype(bool)] if "diverged" in metrics else metrics.iloc[:0]
+    diverged_at = exploded.groupby(cell_keys + ["seed"], sort=False)["round"].min().to_dict()
     all_rounds, all_accuracy = evaluated["round"].to_numpy(), evaluated["test_accuracy"].to_numpy()
     no_points = np.empty(0, dtype=np.intp)
 
@@ -117,9 +127,11 @@ def learning_runs(metrics: pd.DataFrame) -> list[Run]:
         per_seed = []
         for key in seed_keys:
             at = positions.get(key, no_points)
+            diverged = diverged_at.get(key)
             per_seed.append(Run(
                 model, dataset, int(clients), int(key[-1]), 1, float(chances[key]), int(last_rounds[key]),
                 pd.Series(all_accuracy[at], index=all_rounds[at]), algorithm, partition, kind, test_rows,
+                diverged_round=None if diverged is None else int(diverged),
             ))
         runs += per_seed + [_mean_run(per_seed)]
     return runs
@@ -139,6 +151,7 @@ def _mean_run(per_seed: list[Run]) -> Run:
         float(np.mean([r.chance_accuracy for r in per_seed])), min(r.last_round for r in per_seed),
         pd.Series(by_seed.mean(axis=0), index=common), first.algorithm, first.partition, first.kind, first.test_rows,
         low=pd.Series(by_seed.min(axis=0), index=common), high=pd.Series(by_seed.max(axis=0), index=common),
+        diverged_round=min((r.diverged_round for r in per_seed if r.diverged_round is not None), default=None),
     )
 
 
@@ -181,7 +194,7 @@ def analyse(runs: list[Run], settings: dict[str, DatasetSettings], target_fracti
         baseline_algorithm, baseline_partition, baseline = baseline_of(run)
         ids = {"model": run.model, "algorithm": run.algorithm, "partition": run.partition, "kind": run.kind,
                "dataset": run.dataset, "clients": run.clients, "seed": run.seed}
-        spread = (seed_summary(seed_accuracy[_cell(run)]) if run.seed == MEAN_SEED
+        spread = (seed_summary(seed_accuracy[_cell(run)], ACCURACY_RANGE) if run.seed == MEAN_SEED
                   else {"std": math.nan, "ci95_low": math.nan, "ci95_high": math.nan, "ci95": ""})
         budget_rows.append({
             **ids, "budget": limits.budget, "round_used": round_used, "accuracy": accuracy,
@@ -190,7 +203,7 @@ def analyse(runs: list[Run], settings: dict[str, DatasetSettings], target_fracti
             "test_rows": run.test_rows,
             "baseline_accuracy": baseline, "ratio": accuracy / baseline if baseline > 0 else math.nan,
             "baseline_algorithm": baseline_algorithm, "baseline_partition": baseline_partition,
-            "chance_accuracy": run.chance_accuracy, "seeds": run.seeds,
+            "chance_accuracy": run.chance_accuracy, "seeds": run.seeds, "diverged_round": run.diverged_round,
         })
         target_rows.append({**ids, **_target_columns(run, limits, target_fraction * baseline, seed_rounds)})
     accuracy_table = pd.DataFrame(budget_rows).astype({"round_used": "Int64", "seed": object})
@@ -234,7 +247,9 @@ def _target_columns(run: Run, limits: DatasetSettings, target: float, seed_round
     for its cell's mean row, which comes after the cell's seeds."""
     searched_until = min(limits.second_threshold, run.last_round)
     rounds = None if math.isnan(target) else _first_round_reaching(run, target, searched_until)
-    if math.isnan(target):
+    if run.diverged_round is not None:
+        status = f"diverged at round {run.diverged_round}"
+    elif math.isnan(target):
         status = "no K=1 baseline"
     elif rounds is not None:
         status = f"reached at round {rounds}"
@@ -315,8 +330,8 @@ def _expected_cells(found: pd.DataFrame, grid: Grid) -> tuple[list[tuple], dict[
 def _cell_row(key: tuple, kind: str, status: str, got: list[int], wanted: list[int], acc: pd.DataFrame | None,
               rounds: pd.DataFrame | None) -> dict[str, Any]:
     """A row of the seeds table: a cell, its status, and its statistics over seeds."""
-    accuracy_stats = seed_summary([] if acc is None else acc["accuracy"])
-    ratio_stats = seed_summary([] if acc is None else acc["ratio"])
+    accuracy_stats = seed_summary([] if acc is None else acc["accuracy"], ACCURACY_RANGE)
+    ratio_stats = seed_summary([] if acc is None else acc["ratio"], (0, math.inf))
     reached = [] if rounds is None else [int(r) for r in rounds["rounds"].dropna()]
     test_rows = math.nan if acc is None or acc["test_rows"].isna().all() else float(acc["test_rows"].max())
     return {

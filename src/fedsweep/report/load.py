@@ -34,6 +34,7 @@ _COLUMN_TYPES = {
     **{c: pa.string() for c in ("dataset", "model", "protocol", "algorithm", "partition")},
     **{c: pa.float64() for c in ("clients", "seed", "round", "test_accuracy", "chance_accuracy", "test_rows",
                                  *DRIFT_COLUMNS, *BYTES_COLUMNS)},
+    "diverged": pa.bool_(),  # from the round whose training loss exploded on (absent: never)
 }
 
 

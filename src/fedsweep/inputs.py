@@ -1,0 +1,116 @@
+"""The checks of a sweep's inputs that can be made before any job: each data set's spec, local
+files and row counts, shards smaller than a batch, local model folders, positions vs max_length,
+client batching on a decoder, LoRA without peft installed, and model names one letter off a
+known one. Called by :func:`fedsweep.config.load` on the head node; each raises one line
+``config: ...`` naming the field and the value. Imports no torch, transformers or pandas.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+from . import FedsweepError, dataspec, grid, modelspec
+
+if TYPE_CHECKING:
+    from .config import Sweep
+
+
+def error(message: str) -> FedsweepError:
+    return FedsweepError(f"config: {message}")
+
+
+def model_spec(config: dict[str, Any], model: str) -> str:
+    return config["models"][model].get("spec", model)
+
+
+def _strip_prefix(message: str, name: str) -> str:
+    return message.removeprefix(f"dataset {name!r}: ").removeprefix(f"model {name!r}: ")
+
+
+def check_data(sweep: Sweep) -> None:
+    """Each data set's spec as ``fedsweep prepare`` checks it, its local files, their row counts
+    and digests."""
+    row_cache = sweep.file_cache
+    for name, ds in sweep.config["datasets"].items():
+        spec = ds.get("spec", {})
+        try:
+            sweep.rows[name] = dataspec.dataset_rows(name, spec, sweep.base_dir, row_cache)
+            resolved = dataspec.resolve_spec(name, spec)
+            sweep.data_files[name] = (dataspec.local_files(resolved, sweep.base_dir)
+                                      if resolved["source"] == "local" else [])
+            if row_cache is not None:
+                sweep.data_digests[name] = [row_cache.digest(f) for f in sweep.data_files[name]]
+        except FedsweepError as exc:
+            raise error(f"datasets.{name}.spec: {_strip_prefix(str(exc), name)}") from None
+
+
+def check_shards(sweep: Sweep) -> None:
+    """Shards smaller than a batch, or more clients than rows, before any job runs."""
+    config = sweep.config
+    for cell in sweep.cells:
+        rows = sweep.rows.get(cell["dataset"])
+        if rows is None:
+            continue
+        batch_size = sweep.cell_train(cell)["batch_size"]
+        k, where = cell["clients"], f"datasets.{cell['dataset']}"
+        per_client = grid.partition_settings(config, cell["partition"]).get("per_client")
+        scheme = grid.partition_settings(config, cell["partition"]).get("scheme", "iid")
+        field_ = grid.partition_field(config, cell["partition"])
+        if k > rows[0]:
+            raise error(f"clients={k} exceeds the {rows[0]} training rows of {where}")
+        if per_client is not None and per_client * k > rows[0]:
+            raise error(f"{field_}.per_client={per_client} x clients={k} needs {per_client * k} training rows; "
+                        f"{where} has {rows[0]}")
+        shard = per_client if per_client is not None else rows[0] // k
+        if scheme == "iid" and shard < batch_size:
+            raise error(f"clients={k} splits the {rows[0]} training rows of {where} into shards smaller than "
+                        f"batch_size={batch_size} (model {cell['model']})" if per_client is None else
+                        f"{field_}.per_client={per_client} is smaller than batch_size={batch_size} "
+                        f"(model {cell['model']}, {where})")
+
+
+def check_models(sweep: Sweep) -> None:
+    """Local model folders (their files are inputs: an edited model reruns its cells) and each
+    model's longest max_length against its positions."""
+    config = sweep.config
+    for model in config["models"]:
+        for key, spec in (("spec", model_spec(config, model)), ("tokenizer", config["models"][model].get("tokenizer"))):
+            if spec is None:
+                continue
+            try:
+                files = sweep.model_files[modelspec.spec_slug(spec)] = modelspec.model_files(spec)
+                if sweep.file_cache is not None:
+                    sweep.model_digests[modelspec.spec_slug(spec)] = [sweep.file_cache.digest(f) for f in files]
+            except FedsweepError as exc:
+                raise error(f"models.{model}.{key}={spec!r}: {_strip_prefix(str(exc), spec)}") from None
+        cells = [c for c in sweep.cells if c["model"] == model]
+        if not cells:
+            continue
+        longest = max(cells, key=lambda c: sweep.cell_train(c)["max_length"])
+        try:
+            modelspec.check_max_length(model_spec(config, model), sweep.cell_train(longest)["max_length"], "")
+        except FedsweepError as exc:
+            raise error(f"models.{model}: {exc} (dataset {longest['dataset']}, K={longest['clients']})") from None
+
+
+def check_model_kinds(sweep: Sweep) -> None:
+    """What a model's kind rules out, and a model name one letter off a known one (a typo that
+    would otherwise be a failed download on the head node)."""
+    config = sweep.config
+    lora = [m for m, entry in config["models"].items() if (entry.get("peft") or {}).get("method", "none") != "none"]
+    if lora and importlib.util.find_spec("peft") is None:
+        raise error(f"models.{lora[0]}.peft: LoRA needs the peft package, which is not installed here "
+                    f"(pip install peft, or pip install -e '.[lora]')")
+    for model in config["models"]:
+        spec = model_spec(config, model)
+        close = modelspec.near_miss(spec)
+        if close is not None:
+            where = f"models.{model}.spec={spec!r}" if "spec" in config["models"][model] else f"models.{model}"
+            raise error(f"{where}: {spec!r} is no model fedsweep knows, no local folder and not in the Hugging Face "
+                        f"cache; did you mean {close!r}?")
+    for cell in sweep.cells:
+        group = sweep.cell_train(cell)["client_group"]
+        if group > 1 and modelspec.is_decoder(model_spec(config, cell["model"])):
+            raise error(f"models.{cell['model']}: client_group={group} (client batching) does not support decoder "
+                        f"models; use client_group: 1 for it (dataset {cell['dataset']}, K={cell['clients']})")
