@@ -12,7 +12,7 @@ import pytest
 
 from fedsweep import FedsweepError
 from fedsweep.cli import main
-from fedsweep.report import make_report
+from fedsweep.report import FIGURES, TABLES, make_report
 
 CONFIG = """
 target_fraction: 0.9
@@ -21,9 +21,6 @@ datasets:
   ag_news: {budget: 10, second_threshold: 20}
 models: [tiny, small]
 """
-FIGURES = ("accuracy_vs_clients", "rounds_to_target", "accuracy_per_round", "drift",
-           "accuracy_vs_clients_by_partition", "accuracy_vs_bytes")
-TABLES = ("accuracy_at_budget", "rounds_to_target", "seeds", "missing_cells")
 
 
 def cell(dataset, model, clients, seed, rounds, accuracy, eval_every=1, chance=0.5):
@@ -508,7 +505,9 @@ def test_registries_resolve_and_have_captions():
     from fedsweep.report import figures, tables
 
     captions = Path(__file__).resolve().parents[1] / "workflow" / "report"
-    assert report.TABLES == TABLES and report.FIGURES == FIGURES
+    # the paper's three results are among them (the registry is the one list of names)
+    assert {"accuracy_vs_clients", "rounds_to_target", "accuracy_per_round"} <= set(report.FIGURES)
+    assert {"accuracy_at_budget", "rounds_to_target"} <= set(report.TABLES)
     for kind, names, module, function in (("table", report.TABLES, tables, report.table_function),
                                           ("figure", report.FIGURES, figures, report.figure_function)):
         for name in names:

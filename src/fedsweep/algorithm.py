@@ -31,6 +31,8 @@ STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
     "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
     "fedadagrad": ("server_lr", "beta1", "tau"),  # no second-moment decay: v sums every delta^2
 }
+# Every setting some strategy reads, in declaration order below.
+SERVER_SETTINGS = tuple(dict.fromkeys(name for names in STRATEGY_SETTINGS.values() for name in names))
 # The strategies with a learning rate that has no sensible default (Reddi et al. tune it per task).
 NEEDS_SERVER_LR = ("fedadam", "fedyogi", "fedadagrad")
 # Client update -> the settings it reads (beyond the local optimiser's).
@@ -82,7 +84,7 @@ def check_rules(cfg: Any, where: Callable[[str], str]) -> None:
         return FedsweepError(f"{where(name)}={getattr(cfg, name)!r} {why}")
 
     reads = STRATEGY_SETTINGS[cfg.strategy]
-    for name in ("server_lr", "server_momentum", "beta1", "beta2", "tau"):
+    for name in SERVER_SETTINGS:
         if name not in reads and getattr(cfg, name) != DEFAULTS[name]:
             if name == "server_lr" and cfg.server_lr == 1:
                 continue  # fedavg is the server step with lr 1
@@ -134,9 +136,8 @@ def server_lr(cfg: Any) -> float:
 
 def strategy_settings(cfg: Any) -> dict[str, float]:
     """The settings :func:`fedsweep.strategies.build_strategy` passes on to ``cfg.strategy``."""
-    values = {"server_lr": server_lr(cfg), "server_momentum": cfg.server_momentum, "beta1": cfg.beta1,
-              "beta2": cfg.beta2, "tau": cfg.tau}
-    return {name: values[name] for name in STRATEGY_SETTINGS[cfg.strategy]}
+    return {name: server_lr(cfg) if name == "server_lr" else getattr(cfg, name)
+            for name in STRATEGY_SETTINGS[cfg.strategy]}
 
 
 def client_settings(cfg: Any):
