@@ -3,6 +3,8 @@
 # `slurm-status-command: squeue` (the executor would poll sacct forever), or when a job asks for
 # more memory, time or GPUs than the nodes of its partition have (sbatch would refuse it, or it
 # would pend forever). The checks are fedsweep.slurm's; FEDSWEEP_SKIP_CLUSTER_CHECK=1 skips them.
+import subprocess
+
 from fedsweep import slurm as slurm_checks
 
 
