@@ -287,6 +287,7 @@ def _term_during(target: str, args: list[str], *, install_first: bool = False) -
                           env={**os.environ, "PYTHONPATH": SRC})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["imports", "load_split", "evaluate"])
 def test_sigterm_before_round_1_finished_says_nothing_saved(synth_tokens, tmp_path, target):
     out = tmp_path / target
@@ -297,6 +298,7 @@ def test_sigterm_before_round_1_finished_says_nothing_saved(synth_tokens, tmp_pa
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.parquet").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_during_final_writes_completes_them(synth_tokens, tmp_path):
     out = tmp_path / "final"
     proc = _term_during("write_parquet", _args(synth_tokens, out))
