@@ -24,6 +24,8 @@ HEAD_NODE_MODULES = [
     "fedsweep.schemes",
     "fedsweep.trainconfig",
     "fedsweep.config",
+    "fedsweep.configfile",
+    "fedsweep.inputs",
     "fedsweep.report",
 ]
 HEAVY = ["torch", "transformers", "pandas", "matplotlib"]
