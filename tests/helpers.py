@@ -65,3 +65,17 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def small_config() -> dict:
+    """A config of a few seconds: tiny-bert on a small synthetic data set, K in {1, 2}."""
+    return {
+        "clients": [1, 2],
+        "models": {"tiny-bert": {"tokenizer": "minilm", "train": {"lr": 0.1}}},
+        "datasets": {
+            "synthetic": {
+                "spec": {"source": "synthetic", "num_classes": 4, "train_size": 128, "test_size": 64},
+                "budget": 1, "second_threshold": 2,
+            }
+        },
+        "train": {"epochs": 1, "batch_size": 16, "max_length": 32},
+    }
+

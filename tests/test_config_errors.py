@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import copy_workflow, job_counts, snakemake, write_config
+from helpers import copy_workflow, job_counts, small_config, snakemake, write_config
 
 from fedsweep import FedsweepError
 from fedsweep.cli import main
@@ -30,17 +30,7 @@ from fedsweep.config import load
 
 
 def base_config() -> dict:
-    return {
-        "clients": [1, 2],
-        "models": {"tiny-bert": {"tokenizer": "minilm", "train": {"lr": 0.1}}},
-        "datasets": {
-            "synthetic": {
-                "spec": {"source": "synthetic", "num_classes": 4, "train_size": 128, "test_size": 64},
-                "budget": 1, "second_threshold": 2,
-            }
-        },
-        "train": {"epochs": 1, "batch_size": 16, "max_length": 32},
-    }
+    return small_config()
 
 
 def local_csv(rows: int, name: str = "train.csv") -> dict:

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import ENV, ROOT, copy_workflow, job_counts, snakemake, write_config
+from helpers import ENV, ROOT, copy_workflow, job_counts, small_config, snakemake, write_config
 
 from fedsweep.report import FIGURES
 
@@ -134,24 +134,10 @@ def test_downloads_on_head_node_compute_jobs_offline(tmp_path, monkeypatch):
     assert len(torchrun) == 18 and all("--model albert-base-v1" in c for c in torchrun)
 
 
-def _quick_config() -> dict:
-    return {
-        "clients": [1, 2],
-        "models": {"tiny-bert": {"tokenizer": "minilm", "train": {"lr": 0.1}}},
-        "datasets": {
-            "synthetic": {
-                "spec": {"source": "synthetic", "num_classes": 4, "train_size": 128, "test_size": 64},
-                "budget": 1, "second_threshold": 2,
-            }
-        },
-        "train": {"epochs": 1, "batch_size": 16, "max_length": 32},
-    }
-
-
 def test_hf_home_config_then_environment_then_project_cache(tmp_path, monkeypatch):
     """hf_home in the config wins; else the caller's $HF_HOME is used, not overridden."""
     work = copy_workflow(tmp_path / "wf")
-    config = _quick_config()
+    config = small_config()
     write_config(work / "config/q.yaml", config)
     mine = tmp_path / "my-hf-home"
     monkeypatch.setitem(ENV, "HF_HOME", str(mine))
