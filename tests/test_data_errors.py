@@ -44,6 +44,20 @@ TRAIN = "text,label\ngood film,pos\nbad film,neg\n"
 TEST = "text,label\nfine film,pos\nawful film,neg\n"
 INT_TEST = "text,label\nfine film,0\nawful film,1\n"
 GOOD_PARQUET = _parquet(text=["a good film", "a bad film", "a fine film", "an awful film"], label=[1, 0, 1, 0])
+# A gzip header, then a deflate block of the reserved type: zlib.error, whatever zlib wrote it.
+BROKEN_GZIP = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 16
+
+
+def _duplicated_parquet() -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table([["a", "b"], [0, 1], [1, 0]], names=["text", "label", "label"]), buffer)
+    return buffer.getvalue()
+
+
+DUPLICATED_PARQUET = _duplicated_parquet()
 
 # (id, files of the case's folder, arguments after `prepare --name mine --base-dir D --out-dir OUT`,
 #  the exact error line after "fedsweep: error: ")
@@ -58,7 +72,7 @@ CASES = [
     ("whitespace-variants", {"train.csv": "text,label\na,World\nb,Sports\n", "test.csv": "text,label\nc,World \n"},
      _local(), f"{D}/test.csv: row 0 (line 2): labels 'World' and 'World ' differ only in case/whitespace"),
     ("mixed-int-and-text", {"train.csv": "text,label\na,0\nb,World\nc,1\n", "test.csv": INT_TEST}, _local(),
-     f"{D}/train.csv: labels mix integers and text: '0' at row 0 (line 2), 'World' at row 1 (line 3)"),
+     f"{D}/train.csv: labels mix numbers and text: '0' at row 0 (line 2), 'World' at row 1 (line 3)"),
     ("int-train-text-test", {"train.csv": "text,label\na,0\nb,1\n", "test.csv": TEST}, _local(),
      f"{D}/test.csv: labels are text (e.g. 'pos') but {D}/train.csv has integers (e.g. 0)"),
     ("single-class", {"train.csv": "text,label\na,pos\nb,pos\n", "test.csv": "text,label\nc,pos\n"}, _local(),
@@ -70,6 +84,13 @@ CASES = [
      f"{D}/train.parquet: row 2: label (column 'label') is missing"),
     ("fractional-label", {"train.parquet": _parquet(text=["a", "b"], label=[0.0, 0.5]), "test.csv": INT_TEST},
      _local(train="train.parquet"), f"{D}/train.parquet: row 1: label 0.5 (column 'label') is not an integer"),
+    # CSV numbers are read as Parquet's are: "0.5" stops as 0.5 does ("1.0" is 1: see the test below)
+    ("fractional-csv-label", {"train.csv": "text,label\na,0.0\nb,0.5\n", "test.csv": INT_TEST}, _local(),
+     f"{D}/train.csv: row 1 (line 3): label 0.5 (column 'label') is not an integer"),
+    ("infinite-label", {"train.parquet": _parquet(text=["a", "b"], label=[0.0, float("inf")]), "test.csv": INT_TEST},
+     _local(train="train.parquet"), f"{D}/train.parquet: row 1: label inf (column 'label') is not an integer"),
+    ("huge-csv-label", {"train.csv": "text,label\na,0\nb,99999999999999999999\n", "test.csv": INT_TEST}, _local(),
+     f"{D}/train.csv: row 1 (line 3): label 1e+20 (column 'label') is too large for a class id"),
     ("label-only-in-test", {"train.csv": TRAIN, "test.csv": "text,label\nc,pos\nd,meh\n"}, _local(),
      f"{D}/test.csv: row 1 (line 3): label 'meh' appears only in the test file, not in {D}/train.csv"),
     ("one-based-labels", {"train.csv": "text,label\na,1\nb,2\nc,3\n", "test.csv": "text,label\nd,2\n"}, _local(),
@@ -90,9 +111,19 @@ CASES = [
     # texts
     ("int-text-column", {"train.parquet": _parquet(text=[5, 6], label=[0, 1]), "test.csv": INT_TEST},
      _local(train="train.parquet"), f"{D}/train.parquet: text column 'text' holds int64 values, not strings"),
-    ("none-in-joined-text", {"train.parquet": _parquet(title=["A", "B", "C"], body=["x", None, "z"], label=[0, 1, 0]),
+    ("int-text-csv-column", {"train.csv": "text,label\n5,0\n6,1\n", "test.csv": INT_TEST}, _local(),
+     f"{D}/train.csv: text column 'text' holds int64 values, not strings"),
+    ("float-text-tsv-column", {"train.tsv": "text\tlabel\n5.5\t0\n\t1\n", "test.csv": INT_TEST},
+     _local(train="train.tsv"),
+     f"{D}/train.tsv: text column 'text' holds float64 values, not strings"),
+    # a null part counts as an empty one: allowed while the joined text is not empty, in every format
+    ("none-in-joined-text", {"train.parquet": _parquet(title=["A", None, ""], body=["x", "y", None], label=[0, 1, 0]),
                              "test.csv": "title,body,label\nD,w,0\nE,v,1\n"},
-     _local(train="train.parquet", text=["title", "body"]), f"{D}/train.parquet: row 1: text column 'body' is missing"),
+     _local(train="train.parquet", text=["title", "body"]), f"{D}/train.parquet: row 2: empty text (1 empty in all)"),
+    ("empty-in-joined-csv-text", {"train.csv": "title,body,label\nA,,0\n,y,1\n,,0\n", "test.csv": INT_TEST},
+     _local(text=["title", "body"]), f"{D}/train.csv: row 2 (line 4): empty text (1 empty in all)"),
+    ("null-json-text", {"train.jsonl": '{"text": "a", "label": 0}\n{"text": null, "label": 1}\n', "test.csv": INT_TEST},
+     _local(train="train.jsonl"), f"{D}/train.jsonl: row 1 (line 2): empty text (1 empty in all)"),
     ("number-in-json-text", {"train.jsonl": '{"text": "a", "label": 0}\n{"text": 5, "label": 1}\n',
                              "test.csv": INT_TEST}, _local(train="train.jsonl"),
      f"{D}/train.jsonl: row 1 (line 2): text column 'text' holds int 5, not a string"),
@@ -122,6 +153,37 @@ CASES = [
      "(e.g. encoding: latin-1)"),
     ("ragged-csv", {"train.csv": "text,label\ngood,pos\nbad, really,neg\n", "test.csv": TEST}, _local(),
      f"{D}/train.csv: line 3 has 3 fields, expected 2 (quote fields that contain ',')"),
+    # pandas fills a short row's missing fields with "" (it read as an empty label)
+    ("short-csv-row", {"train.csv": "text,label,source\ngood,pos,web\nbad,neg\n", "test.csv": TEST}, _local(),
+     f"{D}/train.csv: line 3 has 2 fields, the header has 3"),
+    ("short-tsv-row", {"train.tsv": 'text\tlabel\n"two\nlines"\tpos\n\n  \nbad\n', "test.csv": TEST},
+     _local(train="train.tsv"), f"{D}/train.tsv: line 6 has 1 field, the header has 2"),
+    ("short-headerless-row", {"train.csv": "pos,good\nneg\n", "test.csv": TEST},
+     _local(header=False, columns=["label", "text"]), f"{D}/train.csv: line 2 has 1 field, columns names 2"),
+    # pandas makes a wider first row's extra leading field the index
+    ("wide-first-csv-row", {"train.csv": "text,label\n1,good,pos\n2,bad,neg\n", "test.csv": TEST}, _local(),
+     f"{D}/train.csv: line 2 has 3 fields, the header has 2"),
+    # pandas renames the second (label.1) and reads the first alone
+    ("duplicated-csv-column", {"train.csv": "text,label,label\na,pos,neg\nb,neg,pos\n", "test.csv": TEST}, _local(),
+     f"{D}/train.csv: line 1: the header's column 'label' appears twice; give each column its own name"),
+    ("duplicated-tsv-column", {"train.tsv": "\ntext\ttext\tlabel\na\tb\tpos\n", "test.csv": TEST},
+     _local(train="train.tsv"), f"{D}/train.tsv: line 2: the header's column 'text' appears twice; give each column "
+     "its own name"),
+    ("duplicated-parquet-column", {"train.parquet": DUPLICATED_PARQUET, "test.csv": INT_TEST},
+     _local(train="train.parquet"), f"{D}/train.parquet: column 'label' appears twice; give each column its own name"),
+    ("duplicated-columns-key", {"train.csv": TRAIN, "test.csv": TEST}, _local(header=False, columns=["text", "text"]),
+     "dataset 'mine': columns=['text', 'text'] must be a list of distinct column names"),
+    # header: false over a file that has one: its names became a row and a class
+    ("header-line-read-as-row", {"train.csv": "label,text\npos,good\nneg,bad\n", "test.csv": TEST},
+     _local(header=False, columns=["label", "text"]),
+     f"{D}/train.csv: row 0 (line 1): holds the column names (label, text): the file has a header line; use header: "
+     "true (or remove header: false)"),
+    ("header-line-read-as-row-tsv", {"train.tsv": "Class\tTitle\tDescription\npos\tgood\tfine\n", "test.csv": TEST},
+     _local(train="train.tsv", header=False, columns=["class", "title", "body"], label="class", text="title"),
+     f"{D}/train.tsv: row 0 (line 1): holds the column names (Class, Title, Description): the file has a header "
+     "line; use header: true (or remove header: false)"),
+    ("corrupt-gzip", {"train.csv.gz": BROKEN_GZIP, "test.csv": TEST}, _local(train="train.csv.gz"),
+     f"{D}/train.csv.gz: cannot read train file (Error -3 while decompressing data: invalid block type)"),
     ("unclosed-quote", {"train.csv": 'text,label\n"good,pos\nbad,neg\n', "test.csv": TEST}, _local(),
      f"{D}/train.csv: not valid CSV (EOF inside string starting at row 1)"),
     ("headerless-wrong-columns", {"train.csv": "pos,good,extra\n", "test.csv": TEST},
@@ -187,6 +249,33 @@ def test_encoding_key_reads_latin1(tmp_path):
     spec = {"source": "local", "train": "train.csv", "test": "test.csv", "encoding": "latin-1"}
     train, _, names, _ = load_frames("cafe", spec, base_dir=tmp_path)
     assert train["text"].tolist() == ["good", "café"] and names == ["neg", "pos"]
+
+
+# ----------------------------------------------------------------------------- accepted forms, alike in every format
+
+
+@pytest.mark.parametrize("name, content", [
+    ("ints.csv", "text,label\na,1\nb,0\nc,1\n"),
+    ("floats.csv", "text,label\na,1.0\nb,0.0\nc, 1. \n"),
+    ("ints.parquet", _parquet(text=["a", "b", "c"], label=[1, 0, 1])),
+    ("floats.parquet", _parquet(text=["a", "b", "c"], label=[1.0, 0.0, 1.0])),
+    ("strings.jsonl", "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip("abc", ["1.0", "0", "1"]))),
+])
+def test_whole_number_labels_are_integers_in_every_format(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    train, _, names, _ = load_frames("d", {"source": "local", "train": name, "test": name}, base_dir=tmp_path)
+    assert train["label"].tolist() == [1, 0, 1] and names == ["0", "1"]
+
+
+def test_null_and_empty_text_parts_are_alike(tmp_path):
+    # Only some titles are numbers ("1984"): a text column, not a numeric one.
+    (tmp_path / "t.csv").write_text("title,body,label\n1984,,0\nHeat,Film.,1\n,Noir.,0\n")
+    (tmp_path / "t.parquet").write_bytes(
+        _parquet(title=["1984", "Heat", None], body=[None, "Film.", "Noir."], label=[0, 1, 0]))
+    texts = [load_frames("d", {"source": "local", "train": name, "test": name, "text": ["title", "body"]},
+                         base_dir=tmp_path)[0]["text"].tolist() for name in ("t.csv", "t.parquet")]
+    assert texts == [["1984 ", "Heat Film.", " Noir."]] * 2
 
 
 # ----------------------------------------------------------------------------- what prepare records

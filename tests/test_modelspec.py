@@ -123,3 +123,35 @@ def test_tiny_configs_build_the_models_of_before(family):
     assert tiny_config(family, 4).to_dict() == _former_tiny_config(family, 4).to_dict()
     assert total_parameters(build_model(family, num_labels=2, seed=0)) == modelspec.model_shape(family).params
     assert modelspec.max_positions(family) == 512
+
+
+_SMALL_HUB_CONFIGS = {  # architectures the tiny models do not cover, at a test's size
+    "roberta": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+    "mistral": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "intermediate_size": 64},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(modelspec.ADAPTABLE_MODULES))
+def test_adaptable_modules_are_those_of_the_built_model(model_type):
+    """The head node's table of LoRA targets (checked before any job) names exactly the Linear,
+    Conv1D and Embedding modules transformers builds for each architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    tiny = [dict(c) for c in modelspec.TINY_CONFIGS.values() if c["model_type"] == model_type]
+    values = tiny[0] if tiny else {"model_type": model_type, **_SMALL_HUB_CONFIGS[model_type]}
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    config.num_labels, config.pad_token_id = 2, config.pad_token_id or 0
+    model = AutoModelForSequenceClassification.from_config(config)
+    built = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding))}
+    assert set(modelspec.ADAPTABLE_MODULES[model_type]) == built
+
+
+def test_missing_lora_targets_match_by_name_or_dotted_tail():
+    assert modelspec.missing_lora_targets("tiny-llama", ["q_proj", "self_attn.v_proj"]) is None
+    missing, model_type, _ = modelspec.missing_lora_targets("tiny-bert", ["query", "q_proj"])
+    assert (missing, model_type) == (["q_proj"], "bert")
+    assert modelspec.missing_lora_targets("no/such-model-here", ["anything"]) is None  # unknown: the job decides

@@ -11,8 +11,8 @@ import pytest
 
 from fedsweep import FedsweepError
 from fedsweep.cli import main
-from fedsweep.partition import (Shards, hashed_info, label_histogram, partition, read_shards, scheme_info,
-                                skewed_sizes)
+from fedsweep.partition import Shards, hashed_info, label_histogram, partition, read_shards, scheme_info
+from fedsweep.shard_sizes import skewed_sizes
 
 LABELS = np.repeat(np.arange(4), 500)  # 4 balanced classes of 500 rows
 SCHEME_ARGS = {
@@ -212,3 +212,40 @@ def test_partition_label_in_metrics_and_run_json(synth_tokens, tmp_path):
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["resumed_from_round"] == 1 and summary["partition"]["name"] == "renamed"
     assert main([*base, "--out-dir", str(tmp_path / "bad"), "--rounds", "1", "--partition", "a b"]) == 2
+
+
+@pytest.mark.parametrize("name", ["iid", "shards", "quantity_skew", "quantity_skew_lognormal"])
+@pytest.mark.parametrize("per_client", [None, 60])
+def test_sizes_known_before_the_jobs_are_those_the_jobs_make(name, per_client):
+    """The head node checks shards against the batch size from shard_sizes (no labels, no
+    pandas); the partition job must then make exactly those sizes, for any seed and K."""
+    from fedsweep.shard_sizes import shard_sizes
+
+    scheme = "quantity_skew" if name.startswith("quantity_skew") else name
+    for clients in (1, 3, 8, 32):
+        for seed in (0, 1, 7):
+            shards = split(name, clients=clients, seed=seed, per_client=per_client)
+            settings = {"scheme": scheme, "per_client": per_client, **SCHEME_ARGS[name]}
+            assert shard_sizes(settings, len(LABELS), clients, seed) == [len(s) for s in shards]
+    assert shard_sizes({"scheme": "dirichlet", "alpha": 0.3}, len(LABELS), 4, 0) is None  # follows the labels
+
+
+def test_a_dirichlet_job_redraws_until_every_shard_holds_a_batch():
+    """The workflow passes a Dirichlet partition job the smallest batch size of its cells as
+    --min-size (the other schemes' sizes are checked before any job)."""
+    from fedsweep.config import load
+    from helpers import small_config
+
+    config = small_config()
+    config["clients"] = [1, 4]
+    config["partitions"] = {"iid": {"scheme": "iid"}, "d": {"scheme": "dirichlet", "alpha": 0.3}}
+    config["overrides"] = [{"model": "tiny-bert", "clients": 4, "set": {"batch_size": 8}}]
+    sweep = load(config, inputs=False)
+    assert sweep.partition_args("synthetic", "d", "4", "0").endswith("--min-size 8")
+    assert "--min-size" not in sweep.partition_args("synthetic", "iid", "4", "0")
+    skewed = partition(LABELS, 16, 0, "dirichlet", 0.2, min_size=1)
+    assert min(len(s) for s in skewed) < 32  # the first draw of this seed
+    redrawn = partition(LABELS, 16, 0, "dirichlet", 0.2, min_size=32)
+    assert min(len(s) for s in redrawn) >= 32
+    with pytest.raises(FedsweepError, match=r"left a shard below 32 examples in 100 draws; raise alpha"):
+        partition(LABELS, 16, 0, "dirichlet", 0.1, min_size=32)  # what the job's one line says

@@ -109,6 +109,7 @@ def test_stale_checkpoint_is_refused_or_restarted_as_asked(synth_tokens, tmp_pat
     # the earlier settings' results are not lost: their checkpoint (every round's metrics) is aside
     (kept,) = (out / "replaced").glob("*/checkpoint.pt")
     assert str(kept) in err
+    assert json.loads((kept.parent / "progress.json").read_text())["round"] == 1  # its sidecar went with it
     assert pd.DataFrame(torch.load(kept, weights_only=False)["metrics"]).equals(pd.DataFrame(before["metrics"]))
     fresh = run(_cfg(synth_tokens, tmp_path / "fresh", rounds=1, lr=0.07))
     pd.testing.assert_frame_equal(restarted.drop(columns=TIMING), fresh.drop(columns=TIMING))

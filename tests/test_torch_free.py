@@ -26,7 +26,11 @@ HEAD_NODE_MODULES = [
     "fedsweep.config",
     "fedsweep.configfile",
     "fedsweep.inputs",
+    "fedsweep.failures",
+    "fedsweep.shard_sizes",
     "fedsweep.report",
+    "fedsweep.status",
+    "fedsweep.progress",
 ]
 HEAVY = ["torch", "transformers", "pandas", "matplotlib"]
 

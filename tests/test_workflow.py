@@ -6,6 +6,7 @@ Every run happens in a temporary copy of the workflow files, so results never la
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -181,6 +182,13 @@ def test_max_runtime_splits_long_cells_into_chains_of_jobs(tmp_path):
     # one log per cell: each job's log is a hard link to the run folder's train.log
     assert f"ln -f {run}/train.log results/logs/train/yelp_review_full/bert-base-cased/fedavg/iid_K8_seed0.r34.log" in first
     assert "attempt 1, SLURM job ${SLURM_JOB_ID:-none}" in last
+    # the header line a job writes, run as the job's shell runs it: a SLURM requeue says so
+    header = re.search(r'echo "==== .*? ===="', last).group(0)
+    for env, said in (({}, "SLURM job none on "), ({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"},
+                                                  "SLURM job 77 (requeued 2x) on ")):
+        line = subprocess.run(["bash", "-c", header], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                              text=True, check=True).stdout
+        assert f"fedsweep train to round 100: attempt 1, {said}" in line, line
     imdb = block("train", "results/runs/imdb/bert-base-cased/fedavg/iid_K1_seed0/metrics.parquet")
     assert "segments" not in imdb.split("output:")[0] and "runtime=948," in imdb
 
@@ -338,6 +346,12 @@ def test_demo_end_to_end(demo):
 
     again = snakemake(work, "-n", "--configfile", "config/demo.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # `fedsweep status` in the demo's folder: every cell finished, from the run folders alone
+    status = subprocess.run([sys.executable, "-m", "fedsweep", "status", "--configfile", "config/demo.yaml", "--json"],
+                            cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
+    total = json.loads(status.stdout)["total"]
+    assert (total["cells"], total["finished"], total["rounds_done"]) == (cells, cells, total["rounds"]), total
 
 
 @pytest.mark.slow

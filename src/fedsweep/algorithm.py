@@ -27,19 +27,24 @@ from .settings import Setting, table
 STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
     "fedavg": (),
     "fedavgm": ("server_lr", "server_momentum"),
-    "fedadam": ("server_lr", "beta1", "beta2", "tau"),
-    "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
-    "fedadagrad": ("server_lr", "beta1", "tau"),  # no second-moment decay: v sums every delta^2
+    "fedadam": ("server_lr", "beta1", "beta2", "tau", "adaptive_convention"),
+    "fedyogi": ("server_lr", "beta1", "beta2", "tau", "adaptive_convention"),
+    "fedadagrad": ("server_lr", "beta1", "tau", "adaptive_convention"),  # no second-moment decay: v sums delta^2
 }
 # Every setting some strategy reads, in declaration order below.
 SERVER_SETTINGS = tuple(dict.fromkeys(name for names in STRATEGY_SETTINGS.values() for name in names))
 # The strategies with a learning rate that has no sensible default (Reddi et al. tune it per task).
 NEEDS_SERVER_LR = ("fedadam", "fedyogi", "fedadagrad")
 # Client update -> the settings it reads (beyond the local optimiser's).
-CLIENT_SETTINGS: dict[str, tuple[str, ...]] = {"plain": (), "fedprox": ("mu",), "scaffold": ()}
+CLIENT_SETTINGS: dict[str, tuple[str, ...]] = {"plain": (), "fedprox": ("mu",), "scaffold": ("scaffold_weighting",)}
+CLIENT_TITLES = {"plain": "plain SGD", "fedprox": "FedProx", "scaffold": "SCAFFOLD"}  # in messages
+# Every setting some client update reads.
+CLIENT_ONLY = tuple(dict.fromkeys(name for names in CLIENT_SETTINGS.values() for name in names))
 CLIENT_OPTIMIZERS = ("sgd", "adamw")
 ADAM_FIELDS = ("adam_beta1", "adam_beta2", "adam_eps", "weight_decay")
 LR_SCHEDULES = ("constant", "linear")
+ADAPTIVE_CONVENTIONS = ("reddi", "flower")
+SCAFFOLD_WEIGHTINGS = ("size", "uniform")
 
 _UNIT = dict(low=0, high=1, high_open=True)  # [0, 1)
 SETTINGS = table([
@@ -52,9 +57,15 @@ SETTINGS = table([
     Setting("beta2", 0.99, "number", "fedadam/fedyogi: second-moment decay", **_UNIT),
     Setting("tau", 1e-3, "number", "fedadam/fedyogi/fedadagrad: adaptivity; v starts at tau^2", low=0,
             low_open=True),
+    Setting("adaptive_convention", "reddi", "string", "fedadam/fedyogi/fedadagrad: reddi = Reddi et al. 2021 (v "
+            "starts at tau^2, no bias correction); flower = Flower 1.x (m and v start at 0, fedadam's server lr "
+            "bias-corrected)", choices=ADAPTIVE_CONVENTIONS),
     Setting("client", "plain", "string", "the client update (scaffold keeps K control variates on disk)",
             choices=tuple(CLIENT_SETTINGS)),
     Setting("mu", 0.0, "number", "fedprox: the proximal term's weight", low=0),
+    Setting("scaffold_weighting", "size", "string", "scaffold: the clients' weights in the model average and in "
+            "c's update: size = n_i/N (FedAvg's), uniform = 1/|S| and 1/K (Karimireddy et al. 2020, Alg. 1)",
+            choices=SCAFFOLD_WEIGHTINGS),
     Setting("client_optimizer", "sgd", "string", "the clients' local optimiser (adamw: state reset every "
             "round)", choices=CLIENT_OPTIMIZERS),
     Setting("adam_beta1", 0.9, "number", "adamw: first-moment decay", **_UNIT),
@@ -93,8 +104,14 @@ def check_rules(cfg: Any, where: Callable[[str], str]) -> None:
     if cfg.strategy in NEEDS_SERVER_LR and cfg.server_lr is None:
         raise bad("server_lr", f"must be set for strategy={cfg.strategy!r} (a positive number; Reddi et al. "
                                f"tune it per task, e.g. 1e-3 to 1e-1)")
-    if "mu" not in CLIENT_SETTINGS[cfg.client] and cfg.mu != DEFAULTS["mu"]:
-        raise bad("mu", f"is FedProx's setting, not of client={cfg.client!r} (use client=fedprox)")
+    if cfg.strategy == "fedadagrad" and cfg.adaptive_convention == "flower" and cfg.beta1 != 0:
+        # fedadagrad.py of flwr 1.x hands its FedOpt base beta_1=0.0: m is the last delta
+        raise bad("beta1", "must be 0 with strategy='fedadagrad' and adaptive_convention='flower' (Flower's "
+                           "FedAdagrad has no first moment)")
+    for name in CLIENT_ONLY:
+        if name not in CLIENT_SETTINGS[cfg.client] and getattr(cfg, name) != DEFAULTS[name]:
+            user = next(c for c, names in CLIENT_SETTINGS.items() if name in names)
+            raise bad(name, f"is {CLIENT_TITLES[user]}'s setting, not of client={cfg.client!r} (use client={user})")
     if cfg.client_optimizer != "adamw":
         for name in ADAM_FIELDS:
             if getattr(cfg, name) != DEFAULTS[name]:
@@ -134,7 +151,7 @@ def server_lr(cfg: Any) -> float:
     return 1.0 if cfg.server_lr is None else float(cfg.server_lr)
 
 
-def strategy_settings(cfg: Any) -> dict[str, float]:
+def strategy_settings(cfg: Any) -> dict[str, Any]:
     """The settings :func:`fedsweep.strategies.build_strategy` passes on to ``cfg.strategy``."""
     return {name: server_lr(cfg) if name == "server_lr" else getattr(cfg, name)
             for name in STRATEGY_SETTINGS[cfg.strategy]}
@@ -145,5 +162,6 @@ def client_settings(cfg: Any):
     from .clients import ClientSettings  # torch: only a training process gets here
 
     return ClientSettings(client=cfg.client, client_optimizer=cfg.client_optimizer, mu=float(cfg.mu),
+                          scaffold_weighting=cfg.scaffold_weighting,
                           adam_beta1=float(cfg.adam_beta1), adam_beta2=float(cfg.adam_beta2),
                           adam_eps=float(cfg.adam_eps), weight_decay=float(cfg.weight_decay))

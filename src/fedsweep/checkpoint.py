@@ -13,7 +13,8 @@ strategy's state (``lora_base.<layer>`` in ``server_state``), so a resumed run c
 
 :class:`RunCheckpoint` is one run's side of it: whether the run resumes (a stale checkpoint is
 refused, or deleted with ``stale_checkpoint=restart``), from which round, the thread counts the
-rounds were trained at, the rounds it has saved since, and what a SIGTERM leaves saved.
+rounds were trained at, the rounds it has saved since, and what a SIGTERM leaves saved. Every save
+also writes ``progress.json`` (:mod:`fedsweep.progress`): the round and times, for the head node.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ import numpy as np
 import torch
 
 from . import FedsweepError, __version__
+from . import progress
 from .algorithm import FEDAVG_RECORD, describe
 from .engine import FlatParameters
-from .io import atomic_path
+from .io import atomic_path, write_json
 
 # Format 2: the weights vector has FlatParameters' aligned layout (format 1's was unpadded, so
 # its vector is shorter and would be mis-placed) and the thread count is recorded. The
 # algorithm's keys (algorithm, server_state, client_state) were added within format 2: a
 # checkpoint without them is FedAvg's, with no state, which is what it was.
 CHECKPOINT_FORMAT = 2
-CHECKPOINT_NAMES = ("checkpoint.pt", "metrics.parquet", "run.json")  # what a run writes (atomically)
+# What a run writes (atomically); progress.json: the checkpoint's round and times for `fedsweep status`
+CHECKPOINT_NAMES = ("checkpoint.pt", progress.PROGRESS_NAME, "metrics.parquet", "run.json")
 
 
 class StaleCheckpoint(FedsweepError):
@@ -108,16 +111,20 @@ def keep_aside(path: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
     os.replace(path, target)
+    sidecar = path.parent / progress.PROGRESS_NAME
+    if sidecar.exists():  # it describes the checkpoint kept aside, not the run starting over
+        os.replace(sidecar, folder / sidecar.name)
     return target
 
 
 class RunCheckpoint:
     """The checkpoint of one run: the one it resumed (``loaded``, None for a fresh start), the
     metrics rows so far (``rows``: the checkpoint's, then this run's), the round it starts at, the
-    round ``path`` holds (``saved_round``, 0: none) and the thread counts."""
+    round ``path`` holds (``saved_round``, 0: none), the rounds the run trains to and the thread counts."""
 
-    def __init__(self, path: Path, cfg_hash: str, hashed: dict[str, Any], loaded: dict[str, Any] | None):
-        self.path, self.cfg_hash, self.hashed, self.loaded = path, cfg_hash, hashed, loaded
+    def __init__(self, path: Path, cfg_hash: str, hashed: dict[str, Any], loaded: dict[str, Any] | None,
+                 rounds: int):
+        self.path, self.cfg_hash, self.hashed, self.loaded, self.rounds = path, cfg_hash, hashed, loaded, rounds
         self.rows: list[dict[str, Any]] = list(loaded["metrics"]) if loaded else []
         self.start_round = int(loaded["round"]) + 1 if loaded else 1
         self.saved_round = self.start_round - 1
@@ -142,7 +149,7 @@ class RunCheckpoint:
                 log(f"warning: {str(exc).split('; ')[0]}; its results (metrics of every round) are kept in "
                     f"{kept}; starting over (stale_checkpoint=restart)")
             loaded = None
-        run = cls(path, cfg_hash, hashed, loaded)
+        run = cls(path, cfg_hash, hashed, loaded, rounds)
         if run.start_round <= rounds:  # rounds will be trained at this count
             before, threads = run.threads_at_checkpoint, run.threads
             if before is not None and before != threads:
@@ -153,10 +160,13 @@ class RunCheckpoint:
 
     def save(self, round_: int, *, weights: torch.Tensor, algorithm: dict[str, Any],
              server_state: dict[str, torch.Tensor], client_state: dict[str, torch.Tensor]) -> None:
-        """Write round ``round_`` (the caller records it in ``saved_round`` on every process)."""
+        """Write round ``round_`` (the caller records it in ``saved_round`` on every process), then
+        its sidecar (:mod:`fedsweep.progress`; after the checkpoint: it never claims an unsaved round)."""
         save_checkpoint(self.path, weights=weights, round_=round_, rows=self.rows, cfg_hash=self.cfg_hash,
                         hashed=self.hashed, thread_history=self.thread_history, algorithm=algorithm,
                         server_state=server_state, client_state=client_state)
+        write_json(self.path.parent / progress.PROGRESS_NAME,
+                   progress.summary(round_, self.rounds, self.rows, time.time()))
 
     @property
     def last_round(self) -> int:

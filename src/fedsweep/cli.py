@@ -81,6 +81,8 @@ def _partition_settings(a: argparse.Namespace) -> dict:
         raise FedsweepError(f"partition: --clients {a.clients} must be an integer >= 1")
     if a.min_size < 1:
         raise FedsweepError(f"partition: --min-size {a.min_size} must be an integer >= 1")
+    if a.seed < 0:
+        raise FedsweepError(f"partition: --seed {a.seed} must be an integer >= 0")
     flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
     try:
         return check(given_flags(a, SETTINGS.values()), flag, lambda key, value: f"{flag(key)} {value}")
@@ -177,6 +179,16 @@ def cmd_check(a: argparse.Namespace) -> None:
     print("\n".join(config.summary(sweep)))
 
 
+def cmd_status(a: argparse.Namespace) -> None:
+    """Where a sweep stands: its cells finished, running, failed and not started (head node, no torch)."""
+    from .status import status
+
+    if a.stalled_after <= 0:
+        raise FedsweepError(f"status: --stalled-after {a.stalled_after:g} must be a number of minutes > 0")
+    print(status(a.configfile or ["config/config.yaml"], a.base_dir, as_json_output=a.json, every_cell=a.all,
+                 stalled_after=a.stalled_after * 60))
+
+
 def cmd_cluster_check(a: argparse.Namespace) -> None:
     """What the SLURM cluster offers, the profile settings to use, and the problems (exit 1)."""
     from . import cluster_check, config, slurm
@@ -266,8 +278,28 @@ def _train_command(sub) -> None:
     s.set_defaults(func=cmd_train)
 
 
+STATUS_HELP = """Where a sweep stands, read from the run folders of its config's cells (no Snakemake
+state, no torch: run it on the head node, or on a grid copied from a cluster with rsync -a).
+
+A cell is finished (metrics.parquet and run.json, to the data set's second_threshold; flagged if it
+diverged), failed (its log's last line says its job ended: `fedsweep: error: ...`, a Python
+exception, slurmstepd, CANCELLED, out of memory, `SIGTERM: saved round N`; or nothing was written
+for longer than --stalled-after and 3 of its rounds: a job killed without a word), running
+(started, written since), or not started. A rerun resumes failed cells from their checkpoints.
+Remaining time: the examples left at the median examples/s of finished cells of the same model,
+else the cluster estimate (resources.runtime).
+
+--json prints one object: configfiles, results_dir, time (of the status, seconds since the epoch),
+stalled_after_seconds; total and groups (one per data set x model x algorithm x partition: its keys,
+cells, finished, running, failed, not_started, diverged, rounds_done, rounds, seconds_spent,
+seconds_remaining, remaining_from: cells counted from measured examples/s or from the estimate);
+cells (one per cell: name, dataset, model, algorithm, partition, clients, seed, state, round,
+rounds, last_write, age_seconds, last_line, diverged, note, seconds_spent, seconds_remaining,
+remaining_from)."""
+
+
 def _sweep_commands(sub) -> None:
-    """fetch, report, check and cluster-check: what the workflow's head node runs around the cells."""
+    """fetch, report, check, status and cluster-check: what the workflow's head node runs around the cells."""
     s = sub.add_parser("fetch", help="download a model's weights and tokenizer into the HF cache (head node)")
     s.add_argument("--model", required=True)
     s.add_argument("--max-length", type=int, default=0,
@@ -289,6 +321,21 @@ def _sweep_commands(sub) -> None:
     s.add_argument("--base-dir", default=".", help="where relative paths of the config start (where snakemake "
                                                    "runs: the repository root)")
     s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("status", help="where a sweep stands, from its run folders: cells finished, running, "
+                                      "failed and not started, rounds, time spent and remaining",
+                       description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--configfile", nargs="+", help="the config file(s), later ones winning (default: "
+                                                   "config/config.yaml)")
+    s.add_argument("--base-dir", default=".", help="where relative paths of the config start (where snakemake "
+                                                   "runs: the repository root)")
+    s.add_argument("--json", action="store_true", help="one JSON object for scripts (keys above)")
+    s.add_argument("--all", action="store_true", help="list every running, failed and diverged cell (default: "
+                                                      "the first 20 of each)")
+    s.add_argument("--stalled-after", type=float, default=30, metavar="MINUTES",
+                   help="a started cell with no line saying it ended is running while it wrote within this "
+                        "long or 3 of its rounds, whichever is longer (default: 30)")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("cluster-check", help="SLURM: what the cluster offers and the profile settings to use "
                                              "(run on the login node before the first `snakemake --profile slurm`)")
@@ -323,11 +370,40 @@ def main(argv: list[str] | None = None) -> int:
             stop.uninstall_stop_handler()
 
 
+# The flags that name what a command writes: a folder, or a file (whose folder is made).
+OUTPUT_FOLDERS = ("out_dir", "tables_dir", "figures_dir")
+OUTPUT_FILES = ("out",)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``~`` expanded in the output paths, and a path that cannot be written as asked refused in
+    one line before any work (a file where a folder goes, a folder where a file goes)."""
+    for dest in OUTPUT_FOLDERS + OUTPUT_FILES:
+        value = getattr(args, dest, None)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        setattr(args, dest, str(path))
+        flag = "--" + dest.replace("_", "-")
+        folder = path if dest in OUTPUT_FOLDERS else path.parent
+        for above in (folder, *folder.parents):
+            if above.exists() and not above.is_dir():
+                raise FedsweepError(f"{flag} {value}: {above} is a file, not a folder")
+        if dest in OUTPUT_FILES and path.is_dir():
+            raise FedsweepError(f"{flag} {value}: is a folder, not a file")
+
+
 def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_outputs(args)
         args.func(args)
+    except OSError as exc:
+        # A file system refusal met later (permissions, a full disk): one line, not a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fedsweep: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except FedsweepError as exc:
         # One line, whatever a library's message embedded in it holds.
         print(f"fedsweep: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)

@@ -26,6 +26,7 @@ class ClientSettings:
     client: str = "plain"  # plain | fedprox | scaffold
     client_optimizer: str = "sgd"  # sgd | adamw
     mu: float = 0.0  # FedProx's proximal weight
+    scaffold_weighting: str = "size"  # SCAFFOLD's weights of the clients: size | uniform
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -127,6 +128,12 @@ class ClientUpdate:
     def begin_round(self, round_: int, lr: float, clients: Sequence[int], sizes: Sequence[int]) -> None:
         """``clients``: every client of the round (all ranks); ``sizes``: every client's shard size."""
         self.round, self.lr = round_, lr
+
+    def average_weight(self, num_examples: int) -> int:
+        """A client's weight in the round's model average, which the strategy divides by the sum of
+        the round's weights: its shard size (FedAvg's ``n_k / N``). The round loop asks here, so that
+        a client algorithm with another weighting needs no strategy of its own."""
+        return num_examples
 
     def optimizer(self, params: list[torch.Tensor], weights: torch.Tensor,
                   views: Callable[[torch.Tensor], list[torch.Tensor]], clients: Sequence[int]) -> LocalOptimizer:

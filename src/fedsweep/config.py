@@ -257,6 +257,19 @@ class Sweep:
         except FedsweepError as exc:
             raise error(f"resources.max_runtime: {exc}") from None
 
+    def partition_args(self, dataset: str, partition: str, clients: int, seed: int) -> str:
+        """``fedsweep partition``'s options for one shard file. A Dirichlet split's sizes follow
+        the labels, so its job gets ``--min-size``, the smallest batch size of the cells that use
+        the file, and redraws until every shard holds a batch (the other schemes' sizes are
+        checked before any job: :func:`fedsweep.inputs.check_shards`)."""
+        args = grid.partition_args(self.config, partition)
+        if grid.partition_settings(self.config, partition).get("scheme") != "dirichlet":
+            return args
+        batches = [self.cell_train(cell)["batch_size"] for cell in self.cells
+                   if (cell["dataset"], cell["partition"], cell["clients"], cell["seed"]) ==
+                   (dataset, partition, int(clients), int(seed))]
+        return f"{args} --min-size {min(batches, default=1)}"
+
     def job_minutes(self, cell: dict[str, Any], target: int, attempt: int = 1) -> int:
         """SLURM -t of the cell's job that trains up to round ``target``: estimated or given,
         doubled per retry (a retry resumes from the checkpoint), at most max_runtime and the

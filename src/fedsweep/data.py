@@ -20,12 +20,13 @@ Common keys: ``text`` (a column or a list of columns joined by ``text_separator`
 indices), ``class_names``, ``max_train`` / ``max_test`` (a seeded random subset, for quick runs)
 and ``seed``.
 
-Labels are integers (numbers, or strings that all look like integers: numeric order) or text
-(ids in sorted order, or in the order of ``class_names``). Nothing ambiguous is guessed: a missing
-or empty label or text, a text column of numbers, integers mixed with text, labels that differ only
-in case or whitespace, a single class, a label only the test file has all stop with one line
-naming the file (or hub split), the row (from 0 after the header, as pandas counts) and, in text
-files, the line (from 1, as editors count).
+Labels are integers (whole numbers, or strings that all look like numbers: "1.0" is 1; numeric
+order) or text (ids in sorted order, or in the order of ``class_names``). Text columns may be
+empty or null in a row as long as the joined text is not. Nothing ambiguous is guessed: a missing
+or empty label, an empty joined text, a text column of numbers (CSV included), numbers mixed with
+text, labels that differ only in case or whitespace, a single class, a label only the test file
+has all stop with one line naming the file (or hub split), the row (from 0 after the header, as
+pandas counts) and, in text files, the line (from 1, as editors count).
 
 :mod:`fedsweep.sources` reads each source's splits, :mod:`fedsweep.labels` turns their labels into
 class ids; here the text and label columns are checked, sampled and written out.
@@ -42,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from . import FedsweepError, __version__
-from .dataspec import resolve_spec
+from .dataspec import resolve_spec, text_columns
 from .io import read_json, sha256_file, write_json, write_parquet
 from .labels import check_every_class_trains, encode_labels
 from .sources import LOADERS, Split
@@ -54,26 +55,36 @@ DUPLICATE_WARNING_SHARE = 0.01
 # ----------------------------------------------------------------------------- texts
 
 
-def _text_columns(spec: dict[str, Any]) -> list[str]:
-    text = spec.get("text", "text")
-    return [text] if isinstance(text, str) else list(text)
-
-
 def _text_column(split: Split, column: str) -> pd.Series:
-    """A text column, checked to hold a string in every row."""
+    """A text column, checked to hold a string (or nothing: a null counts as "") in every row."""
     values = split.frame[column]
     if not (isinstance(values.dtype, pd.StringDtype) or values.dtype == object):
         raise split.error(f"text column {column!r} holds {values.dtype} values, not strings")
-    missing = values.isna()
-    if missing.any():
-        raise split.error(f"text column {column!r} is missing", int(missing.idxmax()))
+    present = values.notna()
     if values.dtype == object:  # a JSON column may mix strings with numbers or lists
-        not_text = ~values.map(lambda v: isinstance(v, str)).astype(bool)
+        not_text = present & ~values.map(lambda v: isinstance(v, str)).astype(bool)
         if not_text.any():
             row = int(not_text.idxmax())
             value = values[row]
             raise split.error(f"text column {column!r} holds {type(value).__name__} {value!r}, not a string", row)
+    values = values.where(present, "")
+    if not split.typed:
+        _check_not_numbers(split, values, column)
     return values
+
+
+def _check_not_numbers(split: Split, values: pd.Series, column: str) -> None:
+    """A CSV column of numbers only is the column a typed format would have read as numbers: the
+    wrong column (a label or an id), stopped as a Parquet int64 text column is."""
+    given = values[values.str.strip() != ""]
+    try:
+        # Raises at the first value that is not a number: a real text column costs one value.
+        numbers = pd.to_numeric(given)
+    except (ValueError, TypeError):
+        return
+    if len(given):
+        kind = numbers.dtype if numbers.dtype.kind in "iuf" else "numeric"  # object: beyond int64
+        raise split.error(f"text column {column!r} holds {kind} values, not strings")
 
 
 def _normalise(split: Split, spec: dict[str, Any]) -> Split:
@@ -81,15 +92,16 @@ def _normalise(split: Split, spec: dict[str, Any]) -> Split:
     frame = split.frame
     if len(frame) == 0:
         raise split.error("has no rows")
-    text_columns = _text_columns(spec)
+    columns = text_columns(spec)
     label_column = spec.get("label", "label")
-    for column in [*text_columns, label_column]:
+    for column in [*columns, label_column]:
         if column not in frame.columns:
             raise split.error(f"no column {column!r} (columns: {', '.join(map(str, frame.columns))})")
-    parts = [_text_column(split, column) for column in text_columns]
+    parts = [_text_column(split, column) for column in columns]
     text = parts[0]
     for part in parts[1:]:
         text = text + spec.get("text_separator", " ") + part
+    # A part may be empty or null (one title without a body); the joined text may not.
     empty = text.str.strip().str.len() == 0
     if empty.any():
         raise split.error(f"empty text ({int(empty.sum())} empty in all)", int(empty.idxmax()))

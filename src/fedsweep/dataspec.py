@@ -18,6 +18,7 @@ import json
 import lzma
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,6 +67,9 @@ SPEC_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 COMPRESSION_OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# What reading a file may raise besides a decoding error: unreadable, or a broken compressed stream
+# (gzip raises zlib.error for a damaged block, EOFError for a cut one).
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 TEXT_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 
 
@@ -102,7 +106,8 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "test": (lambda v: isinstance(v, str) and v != "", "must be a file path"),
     "header": (lambda v: isinstance(v, bool), "must be true or false"),
     "lines": (lambda v: isinstance(v, bool), "must be true or false"),
-    "columns": (lambda v: _is_names(v) and len(v) > 0, "must be a list of column names"),
+    "columns": (lambda v: _is_names(v) and len(v) > 0 and len(set(v)) == len(v),
+                "must be a list of distinct column names"),
     "encoding": (_is_encoding, "is not a known text encoding (e.g. utf-8, latin-1)"),
     "hub_id": (lambda v: isinstance(v, str), "must be a string"),
     "hub_config": (lambda v: isinstance(v, str), "must be a string"),
@@ -110,6 +115,12 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train_split": (lambda v: isinstance(v, str), "must be a split name"),
     "test_split": (lambda v: isinstance(v, str), "must be a split name"),
 }
+
+
+def text_columns(spec: dict[str, Any]) -> list[str]:
+    """The spec's text columns (one, or several joined by text_separator)."""
+    text = spec.get("text", "text")
+    return [text] if isinstance(text, str) else list(text)
 
 
 def preset_spec(name: str) -> dict[str, Any]:
@@ -260,7 +271,7 @@ def read_errors(path: Path, split: str, encoding: str) -> Iterator[None]:
         yield
     except UnicodeDecodeError:
         raise decode_error(path, encoding) from None
-    except (OSError, EOFError, lzma.LZMAError) as exc:  # unreadable, or a broken compressed stream
+    except READ_ERRORS as exc:
         raise FedsweepError(f"{path}: cannot read {split} file ({first_line(exc)})") from None
 
 
@@ -281,7 +292,7 @@ def _count_rows(path: Path, split: str, spec: dict[str, Any]) -> int:
     try:
         with open_binary(path) as f:
             lines = sum(1 for line in f if line.strip())
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except READ_ERRORS as exc:
         raise FedsweepError(f"{path}: cannot read ({first_line(exc)})") from None
     has_header = fmt in (".csv", ".tsv") and spec.get("header", True)
     return max(lines - has_header, 0)

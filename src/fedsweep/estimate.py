@@ -53,8 +53,9 @@ def estimate_memory(shape: ModelShape, *, batch_size: int, max_length: int, clie
     """Host memory (MB) of one training job; see the module docstring."""
     mib = 2 ** 20
     group = max(int(client_group), 1)
-    # global fp32 weights, G clients' fp32 weights and gradients, the fp64 sum, the checkpoint copy
-    state = shape.params * (4 + 8 * group + 8 + 4)
+    # global fp32 weights, G clients' fp32 weights and gradients, the fp64 sum, the fp32 sum of
+    # the clients' unit updates (update_cosine), the checkpoint copy
+    state = shape.params * (4 + 8 * group + 8 + 4 + 4)
     if gpus > 0:
         activations = 0.0  # on the GPU
     else:
@@ -103,6 +104,9 @@ class RuntimeEstimate:
     fixed: float
     work: float
     throughput: float | None  # examples/s used (None: runtime given)
+    # the examples the cell processes, evaluations included; `fedsweep status` divides what
+    # remains of them by the throughput measured on finished cells
+    examples: float | None = None
 
     @property
     def total(self) -> float:
@@ -112,11 +116,11 @@ class RuntimeEstimate:
 def estimate_runtime(*, runtime: Any, throughput: float, rounds: int, rows: tuple[int, int], epochs: int,
                      eval_every: int) -> RuntimeEstimate:
     """``runtime`` minutes as given, or (``auto``) from the examples the cell processes."""
-    if runtime != "auto":
-        return RuntimeEstimate(0.0, float(runtime), None)
     examples = rounds * (rows[0] * epochs + rows[1] / eval_every)
+    if runtime != "auto":
+        return RuntimeEstimate(0.0, float(runtime), None, examples)
     work = RUNTIME_MARGIN * examples / throughput / 60
-    return RuntimeEstimate(float(STARTUP_MINUTES), work, throughput)
+    return RuntimeEstimate(float(STARTUP_MINUTES), work, throughput, examples)
 
 
 def round_targets(rounds: int, segments: int) -> list[int]:

@@ -7,10 +7,12 @@ known one. Called by :func:`fedsweep.config.load` on the head node; each raises 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from . import FedsweepError, dataspec, grid, modelspec
+from .shard_sizes import shard_sizes
 
 if TYPE_CHECKING:
     from .config import Sweep
@@ -46,7 +48,9 @@ def check_data(sweep: Sweep) -> None:
 
 
 def check_shards(sweep: Sweep) -> None:
-    """Shards smaller than a batch, or more clients than rows, before any job runs."""
+    """More clients than rows, and shards smaller than a batch, before any job runs: exactly for
+    the schemes whose sizes do not depend on the labels (:mod:`fedsweep.shard_sizes`); a
+    Dirichlet split is redrawn by its partition job until every shard holds a batch."""
     config = sweep.config
     for cell in sweep.cells:
         rows = sweep.rows.get(cell["dataset"])
@@ -54,20 +58,35 @@ def check_shards(sweep: Sweep) -> None:
             continue
         batch_size = sweep.cell_train(cell)["batch_size"]
         k, where = cell["clients"], f"datasets.{cell['dataset']}"
-        per_client = grid.partition_settings(config, cell["partition"]).get("per_client")
-        scheme = grid.partition_settings(config, cell["partition"]).get("scheme", "iid")
+        settings = grid.partition_settings(config, cell["partition"])
+        per_client, scheme = settings.get("per_client"), settings.get("scheme", "iid")
         field_ = grid.partition_field(config, cell["partition"])
         if k > rows[0]:
             raise error(f"clients={k} exceeds the {rows[0]} training rows of {where}")
         if per_client is not None and per_client * k > rows[0]:
             raise error(f"{field_}.per_client={per_client} x clients={k} needs {per_client * k} training rows; "
                         f"{where} has {rows[0]}")
-        shard = per_client if per_client is not None else rows[0] // k
-        if scheme == "iid" and shard < batch_size:
+        try:
+            sizes = _shard_sizes(tuple(sorted(settings.items())), rows[0], k, cell["seed"])
+        except FedsweepError as exc:
+            raise error(f"{field_}: {str(exc).removeprefix('partition: ')} ({where})") from None
+        if sizes is None or min(sizes) >= batch_size:
+            continue
+        if scheme == "iid":
             raise error(f"clients={k} splits the {rows[0]} training rows of {where} into shards smaller than "
                         f"batch_size={batch_size} (model {cell['model']})" if per_client is None else
                         f"{field_}.per_client={per_client} is smaller than batch_size={batch_size} "
                         f"(model {cell['model']}, {where})")
+        hint = "raise min_rows or lower clients" if scheme == "quantity_skew" else "lower clients"
+        raise error(f"{field_}: scheme={scheme} with clients={k}, seed={cell['seed']} makes a shard of {min(sizes)} "
+                    f"of the {rows[0]} training rows of {where}, smaller than batch_size={batch_size} "
+                    f"(model {cell['model']}); {hint}")
+
+
+@functools.cache
+def _shard_sizes(settings_items: Any, rows: int, clients: int, seed: int) -> tuple[int, ...] | None:
+    sizes = shard_sizes(dict(settings_items), rows, clients, seed)
+    return None if sizes is None else tuple(sizes)
 
 
 def check_models(sweep: Sweep) -> None:
@@ -109,6 +128,14 @@ def check_model_kinds(sweep: Sweep) -> None:
             where = f"models.{model}.spec={spec!r}" if "spec" in config["models"][model] else f"models.{model}"
             raise error(f"{where}: {spec!r} is no model fedsweep knows, no local folder and not in the Hugging Face "
                         f"cache; did you mean {close!r}?")
+    for model in lora:
+        targets = (config["models"][model]["peft"] or {}).get("target_modules")
+        missing = modelspec.missing_lora_targets(model_spec(config, model), [targets] if isinstance(targets, str)
+                                                 else targets) if targets else None
+        if missing is not None:
+            names, model_type, known = missing
+            raise error(f"models.{model}.peft.target_modules: {names[0]!r} is no module of this {model_type} model "
+                        f"(LoRA can adapt: {', '.join(known)})")
     for cell in sweep.cells:
         group = sweep.cell_train(cell)["client_group"]
         if group > 1 and modelspec.is_decoder(model_spec(config, cell["model"])):

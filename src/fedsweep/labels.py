@@ -1,11 +1,11 @@
 """Turn a data set's label column into class ids 0..C-1 and class names, or stop with one line.
 
-Labels are integers (numbers, or strings that all look like integers: numeric order, shifted by
-``label_offset``) or text (ids in sorted order, or in the order of ``class_names``). A missing,
-empty or fractional label, integers mixed with text (in a split or between train and test), text
-labels that differ only in case or whitespace, a label outside the classes, a single class, a
-label only the test split has and a class with no training example are errors naming the split
-and the row.
+Labels are integers (whole numbers, or strings that all look like numbers, so "1.0" is 1: numeric
+order, shifted by ``label_offset``) or text (ids in sorted order, or in the order of
+``class_names``). A missing, empty, fractional or infinite label, numbers mixed with text (in a
+split or between train and test), text labels that differ only in case or whitespace, a label
+outside the classes, a single class, a label only the test split has and a class with no
+training example are errors naming the split and the row.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pandas as pd
 from .dataspec import is_int
 from .sources import Split
 
-INTEGER_TEXT = r"\s*[+-]?\d+\s*"
+# A decimal number, as a label string: all-number labels are integers however written ("1", "1.0").
+NUMBER_TEXT = r"\s*[+-]?(\d+\.?\d*|\.\d+)\s*"
 
 
 def _shown(value: Any) -> str:
@@ -26,8 +27,23 @@ def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(int(value))
 
 
+def _whole_numbers(split: Split, values: pd.Series, column: str) -> pd.Series:
+    """Numeric labels as int64: whole numbers however stored (0, 0.0, "1.0"); the first fractional,
+    infinite or out-of-range one is an error naming its row."""
+    if pd.api.types.is_signed_integer_dtype(values):
+        return values.astype("int64")
+    numbers = values.astype("float64")
+    whole = np.isfinite(numbers) & (numbers == np.floor(numbers))
+    bad = ~whole | (numbers.abs() >= 2.0**63)
+    if bad.any():
+        row = int(bad.idxmax())
+        why = "is too large for a class id" if whole[row] else "is not an integer"
+        raise split.error(f"label {float(numbers[row])!r} (column {column!r}) {why}", row)
+    return numbers.astype("int64")
+
+
 def _file_labels(split: Split, column: str) -> pd.Series:
-    """The split's labels as int64 (numbers, or strings that all look like integers) or as str
+    """The split's labels as int64 (numbers, or strings that all look like numbers) or as str
     (text); a missing, empty, fractional or mixed label is an error naming its row."""
     values = split.frame["label"]
     missing = values.isna()
@@ -36,11 +52,7 @@ def _file_labels(split: Split, column: str) -> pd.Series:
     if pd.api.types.is_bool_dtype(values):
         return values.astype("int64")
     if pd.api.types.is_numeric_dtype(values):
-        fractional = values != np.floor(values)
-        if fractional.any():
-            row = int(fractional.idxmax())
-            raise split.error(f"label {float(values[row])!r} (column {column!r}) is not an integer", row)
-        return values.astype("int64")
+        return _whole_numbers(split, values, column)
     if values.dtype == object:  # a JSON column may mix strings with numbers or lists
         other = ~values.map(lambda v: isinstance(v, str) or is_int(v)).astype(bool)
         if other.any():
@@ -50,13 +62,14 @@ def _file_labels(split: Split, column: str) -> pd.Series:
     empty = text.str.strip() == ""
     if empty.any():
         raise split.error(f"label (column {column!r}) is empty", int(empty.idxmax()))
-    integer = text.str.fullmatch(INTEGER_TEXT).astype(bool)
-    if integer.all():
-        return text.str.strip().astype("int64")
-    if integer.any():
-        first_integer, first_text = int(integer.idxmax()), int((~integer).idxmax())
+    number = text.str.fullmatch(NUMBER_TEXT).astype(bool)
+    if number.all():
+        # Parsed as numbers do: CSV "1.0" is the label Parquet's 1.0 is.
+        return _whole_numbers(split, pd.to_numeric(text.str.strip()), column)
+    if number.any():
+        first_number, first_text = int(number.idxmax()), int((~number).idxmax())
         raise split.error(
-            f"labels mix integers and text: {text[first_integer]!r} at {split.at(first_integer)}, "
+            f"labels mix numbers and text: {text[first_number]!r} at {split.at(first_number)}, "
             f"{text[first_text]!r} at {split.at(first_text)}"
         )
     return text

@@ -148,6 +148,37 @@ def _decoder_parameters(config: dict[str, Any], num_labels: int) -> int:
 
 _DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
+_LLAMA_MODULES = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "score")
+_BERT_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+# The names (last component) of the modules LoRA can adapt (Linear, GPT-2's Conv1D, Embedding)
+# in each architecture's sequence-classification model, so that target_modules it lacks stop
+# before any job; tests/test_modelspec.py holds it equal to the models transformers builds.
+ADAPTABLE_MODULES: dict[str, tuple[str, ...]] = {
+    "bert": (*_BERT_EMBEDDINGS, "query", "key", "value", "dense", "classifier"),
+    "roberta": (*_BERT_EMBEDDINGS, "query", "key", "value", "dense", "out_proj"),
+    "albert": (*_BERT_EMBEDDINGS, "embedding_hidden_mapping_in", "query", "key", "value", "dense", "ffn",
+               "ffn_output", "pooler", "classifier"),
+    "distilbert": ("word_embeddings", "position_embeddings", "q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2",
+                   "pre_classifier", "classifier"),
+    "llama": _LLAMA_MODULES,
+    "mistral": _LLAMA_MODULES,
+    "qwen2": _LLAMA_MODULES,
+    "gpt2": ("wte", "wpe", "c_attn", "c_proj", "c_fc", "score"),
+}
+
+
+def missing_lora_targets(spec: str, targets: list[str]) -> tuple[list[str], str, tuple[str, ...]] | None:
+    """The ``targets`` (peft's target_modules: a module's name or its dotted tail) that no
+    adaptable module of model ``spec`` has, its model_type and those modules; None where the
+    architecture (or its config) is not known here, so the job's own check decides."""
+    config = TINY_CONFIGS.get(spec) or config_json(spec)
+    model_type = (config or {}).get("model_type")
+    known = ADAPTABLE_MODULES.get(model_type)
+    if known is None:
+        return None
+    missing = [t for t in targets if t.rsplit(".", 1)[-1] not in known]
+    return (missing, model_type, known) if missing else None
+
 
 def parameters_of(config: dict[str, Any], num_labels: int = 2) -> int:
     """Parameters of a sequence classifier with this config.json: BERT-, ALBERT- or DistilBERT-like

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from . import FedsweepError
 from .io import atomic_path
+from .shard_sizes import positive_int, label_sorted_deal, quantity_skew_draw
 
 SCHEMES = ("iid", "dirichlet", "shards", "quantity_skew")
 SIZE_DISTRIBUTIONS = ("dirichlet", "lognormal")
@@ -89,51 +90,11 @@ def label_sorted_shards(labels: np.ndarray, clients: int, seed: int, classes_per
     """McMahan et al.'s pathological split: sort by label, cut into classes_per_client x K pieces,
     deal classes_per_client random pieces to each client."""
     _check(len(labels), clients)
-    if not _positive_int(classes_per_client):
+    if not positive_int(classes_per_client):
         raise FedsweepError(f"partition: classes_per_client={classes_per_client!r} must be an integer >= 1")
-    pieces = classes_per_client * clients
-    if pieces > len(labels):
-        raise FedsweepError(f"partition: classes_per_client={classes_per_client} x clients={clients} needs "
-                            f"{pieces} pieces, more than the {len(labels)} training rows")
-    rng = np.random.default_rng([seed, clients, 2, classes_per_client])
-    # Shuffle first so the order within a class (and which rows share a piece) is seeded, not file order.
-    shuffled = rng.permutation(len(labels))
+    rng, shuffled, cut, dealt = label_sorted_deal(len(labels), clients, seed, classes_per_client)
     by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
-    cut = np.array_split(by_label, pieces)
-    dealt = rng.permutation(pieces).reshape(clients, classes_per_client)
-    return [rng.permutation(np.concatenate([cut[i] for i in dealt[k]])) for k in range(clients)]
-
-
-def skewed_sizes(num_rows: int, clients: int, rng: np.random.Generator, distribution: str,
-                 alpha: float | None = None, sigma: float | None = None, min_rows: int = 1) -> np.ndarray:
-    """K sizes summing to ``num_rows``, each >= ``min_rows``: min_rows each, the rest dealt by
-    shares drawn from Dirichlet(alpha) or a normalised log-normal(0, sigma)."""
-    if distribution == "dirichlet":
-        if alpha is None or not alpha > 0:
-            raise FedsweepError(f"partition: quantity_skew with size_distribution=dirichlet needs alpha > 0 "
-                                f"(got alpha={alpha!r})")
-        shares = rng.dirichlet(np.full(clients, float(alpha)))
-    elif distribution == "lognormal":
-        if sigma is None or not sigma > 0:
-            raise FedsweepError(f"partition: quantity_skew with size_distribution=lognormal needs sigma > 0 "
-                                f"(got sigma={sigma!r})")
-        weights = rng.lognormal(0.0, float(sigma), clients)
-        shares = weights / weights.sum()
-    else:
-        raise FedsweepError(f"partition: size_distribution={distribution!r} is not one of "
-                            f"{', '.join(SIZE_DISTRIBUTIONS)}")
-    if not _positive_int(min_rows):
-        raise FedsweepError(f"partition: min_rows={min_rows!r} must be an integer >= 1")
-    rest = num_rows - clients * min_rows
-    if rest < 0:
-        raise FedsweepError(f"partition: min_rows={min_rows} x clients={clients} needs {clients * min_rows} rows; "
-                            f"the data set has {num_rows}")
-    exact = shares * rest
-    sizes = np.floor(exact).astype(np.int64)
-    # Largest remainders get the rows flooring left over, so the sizes sum to num_rows exactly.
-    short = rest - int(sizes.sum())
-    sizes[np.argsort(-(exact - sizes), kind="stable")[:short]] += 1
-    return sizes + min_rows
+    return [rng.permutation(np.concatenate([by_label[cut[i]] for i in dealt[k]])) for k in range(clients)]
 
 
 def quantity_skew_shards(num_rows: int, clients: int, seed: int, distribution: str = "dirichlet",
@@ -141,8 +102,8 @@ def quantity_skew_shards(num_rows: int, clients: int, seed: int, distribution: s
                          ) -> list[np.ndarray]:
     """i.i.d. labels (a random permutation), sizes from :func:`skewed_sizes`; every row used."""
     _check(num_rows, clients)
-    rng = np.random.default_rng([seed, clients, 3])
-    sizes = skewed_sizes(num_rows, clients, rng, distribution, alpha=alpha, sigma=sigma, min_rows=min_rows)
+    rng, sizes = quantity_skew_draw(num_rows, clients, seed, distribution, alpha=alpha, sigma=sigma,
+                                    min_rows=min_rows)
     perm = rng.permutation(num_rows)
     return np.split(perm, np.cumsum(sizes)[:-1])
 
@@ -153,7 +114,7 @@ def per_client_rows(num_rows: int, clients: int, per_client: int, seed: int) -> 
     One permutation per seed (not per K): the rows of K clients are the first K x N of it, so
     they are a subset of those of 2K clients and a larger K only adds data.
     """
-    if not _positive_int(per_client):
+    if not positive_int(per_client):
         raise FedsweepError(f"partition: per_client={per_client!r} must be an integer >= 1")
     _check(num_rows, clients)
     needed = per_client * clients
@@ -161,10 +122,6 @@ def per_client_rows(num_rows: int, clients: int, per_client: int, seed: int) -> 
         raise FedsweepError(f"partition: per_client={per_client} x K={clients} needs {needed} rows; "
                             f"the data set has {num_rows}")
     return np.random.default_rng([seed, 4]).permutation(num_rows)[:needed]
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def _check(num_rows: int, clients: int) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from .clients import ClientSettings, ClientUpdate, client_lr, train_client
 from .engine import FlatParameters, Protocol, derive_seed
-from .strategies import Strategy
+from .strategies import ServerStats, Strategy
 from .tokens import TokenTensors
 
 if TYPE_CHECKING:
@@ -58,21 +58,53 @@ class RoundStats:
     clients: int = 0
     drift_sum: float = 0.0  # sum over clients of ||x_k - x_global||
     drift_max: float = 0.0  # max over clients of ||x_k - x_global||
-    drift_weighted: float = 0.0  # sum over clients of (n_k / N) ||x_k - x_global||
-    drift_weighted_sq: float = 0.0  # sum over clients of (n_k / N) ||x_k - x_global||^2
+    drift_weighted_sq: float = 0.0  # sum over clients of w_k ||x_k - x_global||^2 (w_k: the average's weight)
     train_seconds: float = 0.0
     aggregate_seconds: float = 0.0
     first_bad_client: float = math.inf  # the lowest client whose loss was not finite
     sampled: int = 0  # clients of the round, all ranks
     lr: float = math.nan  # the clients' lr this round
 
+    def add_client(self, drift: float, share: float, loss: float, seen: int) -> None:
+        """One client: ``drift`` = ``||x_k - x_global||`` (what :meth:`Strategy.add` returns), ``share``
+        = its weight in the average, its training loss sum and the examples it saw."""
+        self.drift_sum += drift
+        self.drift_max = max(self.drift_max, drift)
+        self.drift_weighted_sq += share * drift * drift
+        self.clients += 1
+        self.loss_sum += loss
+        self.examples += seen
+
     def joined(self, ranks) -> "RoundStats":
         """The sums and maxima over every rank (``ranks``: :class:`fedsweep.runtime.Ranks`); timings stay local."""
-        loss_sum, examples, drift_sum, weighted, weighted_sq, clients = ranks.sum(
-            [self.loss_sum, self.examples, self.drift_sum, self.drift_weighted, self.drift_weighted_sq, self.clients])
-        return RoundStats(loss_sum, int(examples), int(clients), drift_sum, ranks.max(self.drift_max), weighted,
-                          weighted_sq, self.train_seconds, self.aggregate_seconds, ranks.min(self.first_bad_client),
+        loss_sum, examples, drift_sum, weighted_sq, clients = ranks.sum(
+            [self.loss_sum, self.examples, self.drift_sum, self.drift_weighted_sq, self.clients])
+        return RoundStats(loss_sum, int(examples), int(clients), drift_sum, ranks.max(self.drift_max), weighted_sq,
+                          self.train_seconds, self.aggregate_seconds, ranks.min(self.first_bad_client),
                           self.sampled, self.lr)
+
+
+def drift_metrics(stats: RoundStats, server: ServerStats) -> dict[str, float]:
+    """The round's update and drift metrics (README, "Drift metrics") from the clients' sums
+    (``stats``, joined over the ranks) and the server step's norms.
+
+    ``x``: the round's global model, ``x_k``: client k's model after local training, ``u_k = x_k - x``,
+    ``w_k``: its weight in the average (summing to 1), ``u = sum_k w_k u_k = average - x``. The
+    spread and the cosine use ``u`` from the unrounded fp64 average, for which the identities
+    below hold to fp64 rounding (the fp32 average's rounding would add ~1e-8 ||x|| to ``u``).
+    """
+    u_sq = server.average_update_sq
+    moved = stats.drift_sum > 0 and u_sq > 0  # else no direction to take a cosine with
+    return {
+        "client_update_norm": stats.drift_sum / stats.clients,  # mean_k ||u_k||, unweighted
+        "mean_update_norm": server.update_norm,  # ||x_new - x||: the server's applied step
+        "pseudo_gradient_norm": server.pseudo_gradient_norm,  # ||x - average||, the fp32 step's delta
+        "client_drift_max": stats.drift_max,  # max_k ||x_k - x|| (SCAFFOLD's drift: from the server model)
+        # sqrt(sum_k w_k ||x_k - average||^2) = sqrt(sum_k w_k ||u_k||^2 - ||u||^2), as sum_k w_k = 1
+        "client_drift_rms": math.sqrt(max(stats.drift_weighted_sq - u_sq, 0.0)),
+        # sum_k w_k cos(u_k, u) = <sum_k w_k u_k / ||u_k||, u> / ||u|| (Strategy.add sums the left factor)
+        "update_cosine": server.direction_dot / math.sqrt(u_sq) if moved else float("nan"),
+    }
 
 
 def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy, data: TokenTensors,
@@ -125,15 +157,10 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
             if not math.isfinite(loss):
                 stats.first_bad_client = min(stats.first_bad_client, client)
             client_update.after_client(local, row, client, weights, len(shards[client]))
-            drift = strategy.add(weights, len(shards[client]))
-            share = len(shards[client]) / strategy.total
-            stats.drift_sum += drift
-            stats.drift_max = max(stats.drift_max, drift)
-            stats.drift_weighted += share * drift
-            stats.drift_weighted_sq += share * drift * drift
-            stats.clients += 1
-            stats.loss_sum += loss
-            stats.examples += seen
+            weight = client_update.average_weight(len(shards[client]))  # n_k (SCAFFOLD uniform: 1)
+            drift = strategy.add(weights, weight)
+            share = weight / strategy.total
+            stats.add_client(drift, share, loss, seen)
         sync()
         stats.train_seconds += t1 - t0
         stats.aggregate_seconds += time.perf_counter() - t1
@@ -172,7 +199,7 @@ class Federation:
         """Train this process's clients of round ``round_`` and add them to the strategy's sum."""
         chosen = self.round_clients(round_)
         lr = self.client_lr(round_)
-        self.strategy.begin_round(sum(self.sizes[k] for k in chosen))
+        self.strategy.begin_round(sum(self.client_update.average_weight(self.sizes[k]) for k in chosen))
         self.client_update.begin_round(round_, lr, chosen, self.sizes)
         stats = train_round(self.model, self.flat, self.strategy, self.data, self.lengths_cpu, self.shards,
                             chosen[self.rank::self.world], epochs=self.epochs, batch_size=self.batch_size, lr=lr,
@@ -189,16 +216,11 @@ class Federation:
         server = self.strategy.finish_round(scratch=self.flat.data)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        pseudo = server.pseudo_gradient_norm
         return {
             "train_loss": stats.loss_sum / stats.examples, "examples": int(stats.examples),
             "train_seconds": stats.train_seconds,
             "aggregate_seconds": stats.aggregate_seconds + time.perf_counter() - t0,
-            "client_update_norm": stats.drift_sum / stats.clients, "mean_update_norm": server.update_norm,
-            "pseudo_gradient_norm": pseudo, "client_drift_max": stats.drift_max,
-            # sum_k w_k ||u_k - u||^2 = sum_k w_k ||u_k||^2 - ||u||^2, u = the weighted mean of the u_k
-            "client_drift_rms": math.sqrt(max(stats.drift_weighted_sq - pseudo * pseudo, 0.0)),
-            "update_cosine": pseudo / stats.drift_weighted if stats.drift_weighted > 0 else float("nan"),
+            **drift_metrics(stats, server),
             "control_variate_norm": extra.get("control_variate_norm", float("nan")),
             "clients_sampled": stats.sampled, "client_lr": stats.lr,
         }

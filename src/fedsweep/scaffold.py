@@ -119,10 +119,17 @@ class Scaffold(ClientUpdate):
 
     Client ``i`` steps with ``g - c_i + c`` and then sets ``c_i+ = c_i - c + (x - y_i) / (steps lr)``
     (``x``: the global weights of the round, ``y_i``: the client's model, ``steps``: its number of
-    local steps). The server sets ``c <- c + sum_{i in S} (n_i / N) (c_i+ - c_i)``, N the examples of
-    ALL clients, so that ``c`` stays the size-weighted mean of every client's ``c_i`` (the paper's
-    ``|S|/N`` times the mean over S for equal shards); the model itself is moved by the strategy
-    (``fedavg``: the size-weighted average of the ``y_i``, the paper's global step with lr 1).
+    local steps). The server sets ``c <- c + sum_{i in S} w_i (c_i+ - c_i)`` and the strategy moves
+    the model with the average ``sum_{i in S} a_i y_i`` (``fedavg``: the paper's global step with
+    lr 1). ``scaffold_weighting`` chooses the weights:
+
+    - ``size`` (the default): ``w_i = n_i / N``, N the examples of ALL clients, so that ``c`` stays
+      the size-weighted mean of every client's ``c_i``, and ``a_i = n_i / N_S`` (FedAvg's average,
+      as every other algorithm here weighs its clients); with equal shards, the paper's i.i.d.
+      setting, both are the paper's;
+    - ``uniform``: ``w_i = 1 / K`` and ``a_i = 1 / |S|``, the paper's formulas (Karimireddy et al.
+      2020, Algorithm 1: ``c <- c + 1/N sum dc_i``, ``x <- x + 1/|S| sum dy_i``) whatever the shards.
+
     Local steps must be plain SGD (``client_optimizer=sgd``).
 
     The update of ``c`` is summed in float64 in the order of the client indices. One process trains
@@ -157,8 +164,9 @@ class Scaffold(ClientUpdate):
         self._corrections: dict[int, torch.Tensor] = {}
         self.chunk = min(1 << 17 if device.type == "cpu" else 1 << 22, size)
         self._cast = torch.empty(self.chunk, dtype=torch.float64, device=device)
-        self.total = 0
+        self.total = 0  # the sum of every client's average_weight: c's update divides by it
         self.clients: list[int] = []
+        self.uniform = settings.scaffold_weighting == "uniform"
 
     @classmethod
     def build(cls, settings: ClientSettings, global_weights: torch.Tensor, *, out_dir: Path, num_clients: int,
@@ -189,9 +197,12 @@ class Scaffold(ClientUpdate):
         super().begin_round(round_, lr, clients, sizes)
         self.clients = sorted(clients)
         self.sizes = list(sizes)
-        self.total = sum(sizes)
+        self.total = sum(self.average_weight(n) for n in sizes)
         self.accum.copy_(self.c)
         self.old_client = -1
+
+    def average_weight(self, num_examples: int) -> int:
+        return 1 if self.uniform else num_examples
 
     @torch.no_grad()
     def optimizer(self, params, weights, views, clients):
@@ -225,8 +236,8 @@ class Scaffold(ClientUpdate):
             self.old_client = -1
 
     def _add(self, client: int, new: torch.Tensor, old: torch.Tensor) -> None:
-        """accum += (n_i / N) (c_i+ - c_i), chunk by chunk in float64."""
-        alpha = self.sizes[client] / self.total
+        """accum += w_i (c_i+ - c_i), chunk by chunk in float64."""
+        alpha = self.average_weight(self.sizes[client]) / self.total
         for start in range(0, self.c.numel(), self.chunk):
             stop = min(start + self.chunk, self.c.numel())
             cast = self._cast[:stop - start]
@@ -234,7 +245,7 @@ class Scaffold(ClientUpdate):
 
     @torch.no_grad()
     def finish_round(self) -> dict[str, float]:
-        """``c <- c + sum_i (n_i / N) (c_i+ - c_i)`` over the round's clients, in client order."""
+        """``c <- c + sum_i w_i (c_i+ - c_i)`` over the round's clients, in client order."""
         if self.world > 1:
             self.accum.copy_(self.c)
             for client in self.clients:  # ascending: the order of one process

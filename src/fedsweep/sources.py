@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import FedsweepError
-from .dataspec import (SPLITS, SYNTHETIC_KEYS, check_file, file_format, first_line, json_array, local_path, open_text,
-                       parquet_error, read_errors)
+from .dataspec import (READ_ERRORS, SPLITS, SYNTHETIC_KEYS, check_file, file_format, first_line, json_array, local_path,
+                       open_text, parquet_error, read_errors, text_columns)
 from .io import sha256_file
 
 
@@ -34,6 +36,8 @@ class Split:
     frame: pd.DataFrame
     # The 1-based line where a 0-based row starts, for text files; None where lines mean nothing.
     line_of: Callable[[int], int | None] = lambda row: None
+    # False where every cell was read as a string (CSV, TSV): a column's type shows only in its values.
+    typed: bool = True
 
     def __post_init__(self) -> None:
         # Rows are positions: a Parquet file may carry a pandas index of other values.
@@ -47,8 +51,18 @@ class Split:
         return FedsweepError(f"{self.where}: {message}" if row is None else f"{self.where}: {self.at(row)}: {message}")
 
 
+def _check_unique_columns(path: Path, names: list[str], where: str = "") -> None:
+    """A column named twice: pandas would rename or refuse the second, and read the first alone."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise FedsweepError(f"{path}: {where}column {name!r} appears twice; give each column its own name")
+        seen.add(name)
+
+
 def _read_parquet(path: Path) -> Split:
     try:
+        _check_unique_columns(path, pq.read_schema(path).names)
         return Split(str(path), pd.read_parquet(path))
     except (pa.ArrowException, OSError) as exc:
         raise parquet_error(path, exc) from None
@@ -63,47 +77,94 @@ def _csv_problem(exc: pd.errors.ParserError, sep: str) -> str:
     return f"not valid CSV ({message})"
 
 
-def _csv_line_finder(path: Path, sep: str, header: bool, encoding: str) -> Callable[[int], int | None]:
-    """row -> the line it starts on. The file is read again with the csv module, which counts
-    lines through quoted newlines; only error messages ask, so loading pays nothing."""
+def _csv_records(path: Path, sep: str, encoding: str) -> Iterator[tuple[int, list[str]]]:
+    """(line it starts on, fields) of each record pandas reads, header included. The csv module
+    counts lines through quoted newlines; blank and whitespace-only lines are skipped, as pandas
+    skips them (a quoted empty field, csv's [''], is a row to both)."""
+    with open_text(path, encoding) as f:
+        reader = csv.reader(f, delimiter=sep)
+        start = 1
+        for record in reader:
+            if record and not (len(record) == 1 and record[0] != "" and not record[0].strip()):
+                yield start, record
+            start = reader.line_num + 1
 
-    def line_of(row: int) -> int | None:
-        try:
-            with open_text(path, encoding) as f:
-                reader = csv.reader(f, delimiter=sep)
-                index, start = (-1 if header else 0), 1
-                for record in reader:
-                    if record:  # pandas skips blank lines
-                        if index == row:
-                            return start
-                        index += 1
-                    start = reader.line_num + 1
-        except (csv.Error, OSError, UnicodeDecodeError):
-            pass  # the row number alone still locates it
+
+def _first_record(
+    path: Path, sep: str, encoding: str, wanted: Callable[[list[str]], bool],
+) -> tuple[int, list[str]] | None:
+    """The first record ``wanted`` accepts, or None (also where the csv module cannot read the file:
+    these scans only sharpen a message, or look for a fault pandas let through)."""
+    try:
+        return next(((line, record) for line, record in _csv_records(path, sep, encoding) if wanted(record)), None)
+    except (csv.Error, UnicodeDecodeError, *READ_ERRORS):
         return None
 
+
+def _csv_line_finder(path: Path, sep: str, header: bool, encoding: str) -> Callable[[int], int | None]:
+    """row -> the line it starts on. Only error messages ask, so loading pays nothing."""
+
+    def line_of(row: int) -> int | None:
+        rows = itertools.count(-1 if header else 0)  # the header is row -1
+        found = _first_record(path, sep, encoding, lambda record: next(rows) == row)
+        return found[0] if found else None
+
     return line_of
+
+
+def _check_csv_shape(path: Path, frame: pd.DataFrame, sep: str, encoding: str, header: bool) -> None:
+    """Rows wider or narrower than the header, which pandas reads without a word: a wider first row
+    makes its extra leading fields the index (which Split drops), a narrower row gets empty fields."""
+    width = frame.shape[1]
+    against = f"the header has {width}" if header else f"columns names {width}"
+    if not isinstance(frame.index, pd.RangeIndex):
+        wide = _first_record(path, sep, encoding, lambda record: len(record) > width)
+        where, fields = (f"line {wide[0]}", len(wide[1])) if wide else ("the first row", width + frame.index.nlevels)
+        raise FedsweepError(f"{path}: {where} has {fields} fields, {against}")
+    # A short row leaves at least its last field empty: only then is the file scanned.
+    if width > 1 and (frame.iloc[:, -1] == "").any():
+        short = _first_record(path, sep, encoding, lambda record: len(record) < width)
+        if short:
+            fields = len(short[1])
+            raise FedsweepError(f"{path}: line {short[0]} has {fields} field{'s' * (fields != 1)}, {against}")
+
+
+def _check_no_header_line(split: Split, spec: dict[str, Any]) -> None:
+    """With header: false, a first row that names the columns is a header read as data (and a class)."""
+    first = split.frame.iloc[0].map(lambda v: str(v).strip().casefold())
+    named = [*text_columns(spec), spec.get("label", "label")]
+    if list(first) == [c.casefold() for c in spec["columns"]] or all(
+            column in first.index and first[column] == column.casefold() for column in named):
+        raise split.error(f"holds the column names ({', '.join(split.frame.iloc[0])}): the file has a header line; "
+                          "use header: true (or remove header: false)", 0)
 
 
 def _read_csv(path: Path, fmt: str, spec: dict[str, Any], encoding: str) -> Split:
     header = spec.get("header", True)
     sep = "\t" if fmt == ".tsv" else ","
     try:
-        # Every cell as a string: the labels' type is decided from all of them together (below),
-        # not by pandas per column, where one empty cell turned integer labels into strings.
+        # Every cell as a string: the labels' type is decided from all of them together (in
+        # fedsweep.labels), not by pandas per column, where one empty cell turned integer labels into strings.
         frame = pd.read_csv(path, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False,
                             encoding=encoding)
     except pd.errors.EmptyDataError:
         raise FedsweepError(f"{path}: has no header and no rows (only blank lines)") from None
     except pd.errors.ParserError as exc:
         raise FedsweepError(f"{path}: {_csv_problem(exc, sep)}") from None
-    if not header:
+    if header:
+        names = _first_record(path, sep, encoding, lambda record: True)
+        if names:  # pandas renamed a repeated name (label, label.1)
+            _check_unique_columns(path, names[1], f"line {names[0]}: the header's ")
+    elif frame.shape[1] != len(spec["columns"]):
         # Given as pandas ``names``, too few columns would silently become the index.
-        columns = spec["columns"]
-        if frame.shape[1] != len(columns):
-            raise FedsweepError(f"{path}: rows have {frame.shape[1]} fields but columns names {len(columns)}")
-        frame.columns = columns
-    return Split(str(path), frame, _csv_line_finder(path, sep, header, encoding))
+        raise FedsweepError(f"{path}: rows have {frame.shape[1]} fields but columns names {len(spec['columns'])}")
+    _check_csv_shape(path, frame, sep, encoding, header)
+    split = Split(str(path), frame, _csv_line_finder(path, sep, header, encoding), typed=False)
+    if not header:
+        split.frame.columns = spec["columns"]
+        if len(split.frame):
+            _check_no_header_line(split, spec)
+    return split
 
 
 def _read_json_lines(path: Path, fmt: str, encoding: str) -> Split:

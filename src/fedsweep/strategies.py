@@ -14,7 +14,8 @@ Algorithm 2, with their sign of delta flipped so that it points like a gradient)
 - ``fedadagrad``: the same ``m``; ``v <- v + delta^2``;
 
 and for the last three ``x <- x - server_lr * m / (sqrt(v) + tau)``, with ``m`` starting at 0 and
-``v`` at ``tau^2`` (the paper's ``v_{-1} >= tau^2``), without bias correction (as in the paper).
+``v`` at ``tau^2`` (the paper's ``v_{-1} >= tau^2``), without bias correction (as in the paper);
+``adaptive_convention=flower`` gives Flower's variant instead (:class:`AdaptiveStrategy`).
 
 Precision: the average is summed in float64 and rounded to float32 (FedAvg's new weights; the
 rounding makes it, in practice, independent of the order in which clients and ranks were added,
@@ -23,7 +24,9 @@ chunk in reused scratch buffers, and the moments ``m`` and ``v`` are float32 buf
 model-sized vectors on the device, flat in K). FedAvgM is
 evaluated as ``x_new = average + (1 - lr) * delta - lr * momentum * m_old`` (the same quantity as
 ``x - lr * m_new``), so that with ``server_lr=1, server_momentum=0`` it is ``average`` to the bit:
-FedAvg. The state (``m``, ``v``) is what :meth:`Strategy.state_dict` returns, saved in every
+FedAvg. The round's norms and dot products (the metrics) are summed in fp64, chunk by chunk, over
+exact fp64 differences (``x_k - x``, ``average - x`` with the fp64 average) or fp32 vectors (:func:`dot64`).
+The state (``m``, ``v``) is what :meth:`Strategy.state_dict` returns, saved in every
 checkpoint so a resumed run continues bitwise.
 
 Adding a strategy: subclass :class:`Strategy` (or :class:`AdaptiveStrategy` for another second
@@ -53,12 +56,32 @@ def chunk_size(device: torch.device) -> int:
     return 1 << 17 if device.type == "cpu" else 1 << 22
 
 
+def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int) -> float:
+    """``<a, b>`` of two fp32 vectors, summed in fp64 (``dot64(a, a, chunk)``: ``||a||^2``).
+
+    A product of two fp32 numbers is exact in fp64, while a sum over millions of them in fp32
+    loses ~1e-5 relative. The casts are chunk-sized temporaries, never a model-sized fp64 copy;
+    the same vector chunked the same way gives the same bits (FedAvgM(lr 1, momentum 0) measures
+    FedAvg's step to the bit).
+    """
+    total = 0.0
+    for start in range(0, a.numel(), chunk):
+        x = a[start:start + chunk].double()
+        total += float(torch.dot(x, x if b is a else b[start:start + chunk].double()))
+    return total
+
+
 @dataclass
 class ServerStats:
-    """What the server step did: the norm of the applied update ``x_new - x`` and of ``delta``."""
+    """What the server step did: the norm of the applied update ``x_new - x`` and of ``delta`` (the
+    fp32 pseudo-gradient it stepped with); and for the drift metrics, with ``u = average - x`` from
+    the unrounded fp64 average (:meth:`Strategy._update_sums`), ``||u||^2`` and ``<d, u>``, ``d``
+    the clients' weighted unit updates (:meth:`Strategy.add`)."""
 
     update_norm: float
     pseudo_gradient_norm: float
+    average_update_sq: float = math.nan
+    direction_dot: float = math.nan
 
 
 class Strategy:
@@ -70,12 +93,18 @@ class Strategy:
     def __init__(self, global_weights: torch.Tensor, **settings: float):
         self.weights = global_weights  # fp32, the global model between rounds
         self.accum = torch.zeros_like(global_weights, dtype=torch.float64)
+        # d = sum_k w_k u_k / ||u_k|| for the update cosine. fp32: a diagnostic needs no more than
+        # its ~1e-7, and fp64 would add 8 instead of 4 bytes per parameter (flat in K either way).
+        self.direction = torch.zeros_like(global_weights)
         self.total = 0
         self.reduce: Callable[[torch.Tensor], None] | None = None  # all-reduce hook (multi-process)
         self.settings = settings
-        if global_weights.device.type == "cpu":
-            chunk = min(self.CPU_CHUNK, global_weights.numel())
-            self._cast, self._delta = torch.empty(chunk, dtype=torch.float64), torch.empty(chunk)
+        cpu = global_weights.device.type == "cpu"
+        # one chunking for every pass, so that equal vectors get bitwise-equal norms (K=1: rms 0)
+        self.chunk = min(self.CPU_CHUNK if cpu else chunk_size(global_weights.device), global_weights.numel())
+        self.host_casts = cpu  # cast through reused scratch (see chunk_size); tests set it off on a CPU
+        if cpu:
+            self._cast, self._cast_x = (torch.empty(self.chunk, dtype=torch.float64) for _ in range(2))
 
     # --- the average ------------------------------------------------------------------------------
 
@@ -83,34 +112,64 @@ class Strategy:
         """``total_examples``: the examples of the clients that enter this round's average."""
         self.total = total_examples
         self.accum.zero_()
+        self.direction.zero_()
 
     @torch.no_grad()
     def add(self, client_weights: torch.Tensor, num_examples: int) -> float:
-        """Add ``(n_k / N) x_k`` to the average; return the client's drift ``||x_k - global||``.
+        """Add ``w_k x_k`` (``w_k = n_k / N``) to the average and ``w_k u_k / ||u_k||`` to the
+        direction ``d`` (``u_k = x_k - x``, ``x`` the global weights; a client with ``u_k = 0``
+        adds nothing to ``d``); return ``||u_k||``, measured as :meth:`_update_sums` measures ``u``.
 
-        Afterwards ``client_weights`` holds the global weights again, ready for the next
-        client: on a CPU that reload rides in the same pass, while the global weights are in
-        the cache for the drift. The accumulated values do not depend on the chunking: every
-        element gets the same fp64 ``accum + alpha * x`` either way.
+        Afterwards ``client_weights`` holds the global weights again, ready for the next client.
+        The accumulated values do not depend on the chunking: every element gets the same fp64
+        ``accum + alpha * x`` either way.
         """
         alpha = num_examples / self.total
-        if self.weights.device.type != "cpu":
-            self.accum.add_(client_weights, alpha=alpha)
-            drift = torch.linalg.vector_norm(client_weights.sub_(self.weights))
-            client_weights.copy_(self.weights)
-            return float(drift)
+        if self.host_casts:
+            squares = self._accumulate_chunks(client_weights, alpha)
+        else:
+            self.accum.add_(client_weights, alpha=alpha)  # a GPU casts to fp64 inside the kernel
+            squares = 0.0
+            for start, stop in self._spans():
+                u = self._exact_update(client_weights, start, stop)
+                squares += float(torch.dot(u, u))
+            client_weights.sub_(self.weights)
+        norm = math.sqrt(squares)
+        # ||u_k|| is known only now: a second pass, fp32 only (no temporaries), then the reload
+        if norm > 0:
+            self.direction.add_(client_weights, alpha=alpha / norm)
+        client_weights.copy_(self.weights)
+        return norm
+
+    def _accumulate_chunks(self, client_weights: torch.Tensor, alpha: float) -> float:
+        """The CPU's pass of :meth:`add`: ``accum += alpha x_k`` and ``x_k -> u_k`` in place, chunk by
+        chunk through cache-sized fp64 scratch buffers (see :func:`chunk_size`); returns ``||u_k||^2``
+        with the values and sums of :meth:`_exact_update`."""
         squares = 0.0
-        size = client_weights.numel()
-        for start in range(0, size, self.CPU_CHUNK):
-            stop = min(start + self.CPU_CHUNK, size)
+        for start, stop in self._spans():
             x, w = client_weights[start:stop], self.weights[start:stop]
-            cast = self._cast[:stop - start]
-            cast.copy_(x)
-            self.accum[start:stop].add_(cast, alpha=alpha)
-            delta = torch.sub(x, w, out=self._delta[:stop - start])
-            squares += float(torch.dot(delta, delta))
-            x.copy_(w)
-        return math.sqrt(squares)
+            cast, cast_x = self._cast[:stop - start], self._cast_x[:stop - start]
+            self.accum[start:stop].add_(cast.copy_(x), alpha=alpha)
+            squares += float(torch.dot(cast.sub_(cast_x.copy_(w)), cast))
+            x.sub_(w)
+        return squares
+
+    def _spans(self):
+        """The ``(start, stop)`` of every chunk: one chunking for every pass."""
+        size = self.weights.numel()
+        return ((start, min(start + self.chunk, size)) for start in range(0, size, self.chunk))
+
+    def _exact_update(self, values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``values - x`` over ``[start, stop)`` in fp64 (a chunk-sized temporary): exact for fp32 or
+        fp64-summed values, so ``u_k`` and ``u`` are measured without rounding, and
+        ``sum_k w_k ||u_k||^2 - ||u||^2`` is the clients' spread to fp64 rounding."""
+        return values[start:stop].double() - self.weights[start:stop]
+
+    def _update_sums(self, start: int, stop: int) -> tuple[float, float]:
+        """``||u||^2`` and ``<d, u>`` over ``[start, stop)``, ``u = average - x`` with the fp64 average
+        (before the server step moves ``x``)."""
+        u = self._exact_update(self.accum, start, stop)
+        return float(torch.dot(u, u)), float(torch.dot(self.direction[start:stop].double(), u))
 
     # --- the server step --------------------------------------------------------------------------
 
@@ -121,12 +180,21 @@ class Strategy:
         ``scratch`` is any fp32 buffer of the model's size that may be overwritten (the model's
         own flat weights, which the next client reloads anyway): no allocation of model size.
         """
+        self._all_reduce()
+        average_sq = direction_dot = 0.0
+        for start, stop in self._spans():
+            square, dot = self._update_sums(start, stop)
+            average_sq, direction_dot = average_sq + square, direction_dot + dot
+        scratch.copy_(self.accum).sub_(self.weights)  # x_new - x = -delta, fp32 as _ServerStep has delta
+        update_norm = math.sqrt(dot64(scratch, scratch, self.chunk))
+        self.weights.copy_(self.accum)
+        return ServerStats(update_norm, update_norm, average_sq, direction_dot)
+
+    def _all_reduce(self) -> None:
+        """Join the ranks' sums (the average's and the direction's) before a server step."""
         if self.reduce is not None:
             self.reduce(self.accum)
-        scratch.copy_(self.accum).sub_(self.weights)
-        update_norm = float(torch.linalg.vector_norm(scratch))
-        self.weights.copy_(self.accum)
-        return ServerStats(update_norm, update_norm)  # x_new - x = average - x = -delta
+            self.reduce(self.direction)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The strategy's state between rounds (beyond the global weights): saved in checkpoints."""
@@ -152,15 +220,13 @@ class _ServerStep(Strategy):
 
     def __init__(self, global_weights: torch.Tensor, **settings: float):
         super().__init__(global_weights, **settings)
-        self.chunk = min(chunk_size(global_weights.device), global_weights.numel())
         self._f32 = [torch.empty(self.chunk, device=global_weights.device) for _ in range(3)]
 
     @torch.no_grad()
     def finish_round(self, scratch: torch.Tensor) -> ServerStats:
-        if self.reduce is not None:
-            self.reduce(self.accum)
+        self._all_reduce()
         size = self.weights.numel()
-        delta_sq = update_sq = 0.0
+        delta_sq = update_sq = average_sq = direction_dot = 0.0
         for start in range(0, size, self.chunk):
             stop = min(start + self.chunk, size)
             average, delta, t = (b[:stop - start] for b in self._f32)
@@ -169,9 +235,12 @@ class _ServerStep(Strategy):
             # last bits) on the order clients and ranks added; its fp32 rounding practically never.
             average.copy_(self.accum[start:stop])
             torch.sub(x, average, out=delta)
-            delta_sq += float(torch.dot(delta, delta))
+            # the base class's sums, chunk for chunk: FedAvgM(lr 1, momentum 0) gets FedAvg's bits
+            delta_sq += dot64(delta, delta, self.chunk)
+            square, dot = self._update_sums(start, stop)
+            average_sq, direction_dot = average_sq + square, direction_dot + dot
             update_sq += self._step(slice(start, stop), x, average, delta, t)
-        return ServerStats(math.sqrt(update_sq), math.sqrt(delta_sq))
+        return ServerStats(math.sqrt(update_sq), math.sqrt(delta_sq), average_sq, direction_dot)
 
     def _step(self, s: slice, x: torch.Tensor, average: torch.Tensor, delta: torch.Tensor, t: torch.Tensor) -> float:
         """Update the state's chunk ``s`` and the global weights' chunk ``x`` in place; return the
@@ -198,7 +267,7 @@ class FedAvgM(_ServerStep):
         t.sub_(m, alpha=self.lr * self.beta)
         m.mul_(self.beta).add_(delta)  # m_new = beta m_old + delta
         change = torch.sub(t, x, out=delta)
-        squares = float(torch.dot(change, change))
+        squares = dot64(change, change, self.chunk)
         x.copy_(t)
         return squares
 
@@ -207,14 +276,42 @@ class FedAvgM(_ServerStep):
 
 
 class AdaptiveStrategy(_ServerStep):
-    """Reddi et al.'s adaptive server optimisers; subclasses define the second moment."""
+    """Reddi et al.'s adaptive server optimisers; subclasses define the second moment.
+
+    ``adaptive_convention`` says where the moments start and how large the step is:
+
+    - ``reddi`` (Reddi et al. 2021, Algorithm 2): ``m`` starts at 0, ``v`` at ``tau^2``; every round
+      steps with ``server_lr`` (no bias correction);
+    - ``flower`` (flwr 1.x: ``fedopt.py``, and ``aggregate_fit`` of ``fedadam.py``, ``fedyogi.py``,
+      ``fedadagrad.py``): ``m`` and ``v`` start at 0; FedAdam steps in round t with
+      ``server_lr sqrt(1 - b2^(t+1)) / (1 - b1^(t+1))`` (Flower's ``server_round + 1.0``), FedYogi
+      and FedAdagrad with ``server_lr``. Flower's pseudo-gradient is ``average - x``, minus ours:
+      its ``m`` is minus ours, its ``v`` is ours, and its ``x + eta m / (sqrt(v) + tau)`` is our
+      ``x - eta m / (sqrt(v) + tau)``. That t is counted in the state (``rounds``), so a resumed
+      run continues the correction.
+    """
+
+    BIAS_CORRECTED: ClassVar[bool] = False  # whether the flower convention corrects the server lr
 
     def __init__(self, global_weights: torch.Tensor, *, server_lr: float, beta1: float, tau: float,
-                 beta2: float = 0.0):
-        super().__init__(global_weights, server_lr=server_lr, beta1=beta1, beta2=beta2, tau=tau)
+                 beta2: float = 0.0, adaptive_convention: str = "reddi"):
+        super().__init__(global_weights, server_lr=server_lr, beta1=beta1, beta2=beta2, tau=tau,
+                         adaptive_convention=adaptive_convention)
         self.lr, self.beta1, self.beta2, self.tau = float(server_lr), float(beta1), float(beta2), float(tau)
+        flower = adaptive_convention == "flower"
+        self.corrected = flower and self.BIAS_CORRECTED
+        self.step_lr = self.lr  # this round's server lr
+        self.rounds = torch.zeros((), dtype=torch.int64)  # server steps taken, counted for the correction
         self.m = torch.zeros_like(global_weights)
-        self.v = torch.full_like(global_weights, self.tau ** 2)
+        self.v = torch.full_like(global_weights, 0.0 if flower else self.tau ** 2)
+
+    @torch.no_grad()
+    def finish_round(self, scratch: torch.Tensor) -> ServerStats:
+        if self.corrected:  # fedadam.py's eta_norm, its server_round being the rounds stepped
+            self.rounds += 1
+            t = int(self.rounds) + 1.0
+            self.step_lr = self.lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+        return super().finish_round(scratch)
 
     def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor, scratch: torch.Tensor) -> None:
         """Update ``v`` in place with ``delta_sq`` = delta^2 (``scratch``: free)."""
@@ -227,15 +324,17 @@ class AdaptiveStrategy(_ServerStep):
         self._second_moment(v, delta, average)  # the average is not needed any more: scratch
         torch.sqrt(v, out=t).add_(self.tau)
         step = torch.div(m, t, out=t)
-        x.sub_(step, alpha=self.lr)  # x <- x - lr m / (sqrt(v) + tau)
-        return self.lr * self.lr * float(torch.dot(step, step))
+        x.sub_(step, alpha=self.step_lr)  # x <- x - lr m / (sqrt(v) + tau)
+        return self.step_lr * self.step_lr * dot64(step, step, self.chunk)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"m": self.m, "v": self.v}
+        # the round count only where it matters: reddi checkpoints keep the keys they always had
+        return {"m": self.m, "v": self.v, **({"rounds": self.rounds} if self.corrected else {})}
 
 
 class FedAdam(AdaptiveStrategy):
     name = "fedadam"
+    BIAS_CORRECTED = True
 
     def _second_moment(self, v, delta_sq, scratch):
         v.mul_(self.beta2).add_(delta_sq, alpha=1.0 - self.beta2)
@@ -260,7 +359,7 @@ class FedAdagrad(AdaptiveStrategy):
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Strategy, FedAvgM, FedAdam, FedYogi, FedAdagrad)}
 
 
-def build_strategy(name: str, global_weights: torch.Tensor, **settings: float) -> Strategy:
+def build_strategy(name: str, global_weights: torch.Tensor, **settings: float | str) -> Strategy:
     """The strategy ``name`` with the settings it reads (fedsweep.algorithm.STRATEGY_SETTINGS;
-    others are ignored)."""
-    return STRATEGIES[name](global_weights, **{k: settings[k] for k in STRATEGY_SETTINGS[name]})
+    others are ignored, absent ones with a default take it: adaptive_convention)."""
+    return STRATEGIES[name](global_weights, **{k: settings[k] for k in STRATEGY_SETTINGS[name] if k in settings})

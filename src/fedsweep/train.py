@@ -11,7 +11,8 @@ when resuming and records comes through its client update and strategy.
 Outputs in ``out_dir``: ``metrics.parquet`` (one row per evaluated round, written at the end),
 ``run.json`` (config, versions, device, threads, labels, data provenance, wall time, throughput)
 and ``checkpoint.pt`` (after every round, atomically: the global weights, the round, the metrics
-so far, the config hash, the thread count and the algorithm's state), beside it the files a
+so far, the config hash, the thread count and the algorithm's state; ``progress.json`` beside it: its
+round and times, which ``fedsweep status`` reads without torch), beside it the files a
 client update keeps (per-client control variates: :mod:`fedsweep.scaffold`). With ``peft`` (LoRA,
 :mod:`fedsweep.lora`) only the adapters and the head are trained, averaged and checkpointed;
 every run's metrics count the trainable and total parameters, the bytes the round's clients

@@ -11,7 +11,7 @@ try:
     import fedsweep
 except ImportError:
     sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from fedsweep import FedsweepError, grid
+from fedsweep import FedsweepError, failures, grid
 from fedsweep import config as sweep_config
 from fedsweep import report as sweep_report
 
@@ -78,6 +78,12 @@ def show_cause(command):
         command
         + ' || {{ status=$?; echo "error (log: {log}): $(tail -n 1 {log})" >&2; exit $status; }}'
     )
+
+
+def show_failures(snakemake_logs):
+    """The `onerror` handler: one line per failed job, the last line of its logs (fedsweep.failures)."""
+    for line in failures.causes(snakemake_logs):
+        print(line, file=sys.stderr)
 
 
 ##### paths #####

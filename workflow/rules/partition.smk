@@ -14,8 +14,10 @@ rule partition:
         serial=1,
     params:
         data_dir=lambda wildcards, input: os.path.dirname(input.meta),
-        # the partition's scheme and parameters (fedsweep.grid.partition_args)
-        args=lambda wildcards: grid.partition_args(config, wildcards.partition),
+        # the partition's scheme and parameters (fedsweep.config.Sweep.partition_args)
+        args=lambda wc: SWEEP.partition_args(
+            wc.dataset, wc.partition, wc.clients, wc.seed
+        ),
     shell:
         show_cause(
             OFFLINE_ENV

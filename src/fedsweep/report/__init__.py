@@ -41,8 +41,8 @@ whole training set split K ways: the paper's setting) or ``per_client`` (N rows 
 data grows with K). The baseline is the K=1 cell of the same partition, else (same kind only)
 ``iid``'s (``baseline_partition``). Figures 1-3 show one partition, the reference (``iid`` if
 present, else the first); ``accuracy_vs_clients_by_partition`` compares them all, and ``drift``
-shows the pseudo-gradient norm and the clients' drift per round for the reference partition and
-algorithm.
+shows the pseudo-gradient norm and the clients' rms distance from their average per round for the
+reference partition and algorithm.
 
 Layout: :mod:`.load` reads the metrics files and the report config, :mod:`.analysis` computes
 the statistics, :mod:`.sweep` holds one loaded sweep and the views the figures share,

@@ -20,7 +20,7 @@ from .plotting import (MAX_COLUMNS, accuracy_handles, accuracy_lines, clients_co
                        panel_title, share_y_by_dataset, suptitle)
 from .sweep import Sweep
 
-DRIFT_PANELS = (("pseudo_gradient_norm", "pseudo-gradient norm"), ("client_drift_rms", "client drift (rms)"))
+DRIFT_PANELS = (("pseudo_gradient_norm", "pseudo-gradient norm"), ("client_drift_rms", "client spread (rms)"))
 
 
 def _reference_styles(sweep: Sweep) -> dict[str, dict]:
@@ -226,7 +226,7 @@ def _per_round_panel(ax, cell_runs: list[Run], colors: dict, budget: int) -> boo
 
 def plot_drift(sweep: Sweep) -> Figure:
     """A row per (data set, model), a column per measure (the pseudo-gradient norm, the clients'
-    rms drift) against the round, a line per K (mean over seeds); the reference algorithm and
+    rms distance from their average) against the round, a line per K (mean over seeds); the reference algorithm and
     partition."""
     frame, settings = sweep.drift_frame, sweep.settings
     columns = [c for c, _ in DRIFT_PANELS]
