@@ -1,6 +1,6 @@
 """The paths and numbers a `fedsweep` command is given: a folder where a file goes (or the other
 way round) and a negative seed stop with one line naming the flag (exit 2, nothing written), a
-file system refusal met later too; `~` is the home folder."""
+file system refusal met later too; `~` is the home folder; JSON numbers in a mapping flag."""
 
 from __future__ import annotations
 
@@ -53,3 +53,12 @@ def test_tilde_in_an_output_path_is_the_home_folder(work, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(work / "home"))
     assert main(["partition", "--data-dir", "data", "--clients", "2", "--out", "~/s.parquet"]) == 0
     assert (work / "home" / "s.parquet").exists() and not (work / "~").exists()
+
+
+def test_json_numbers_in_a_mapping_flag_are_numbers():
+    """The workflow hands a job its settings as JSON: json.dumps(1e-6) is `1e-06`, which YAML 1.1
+    would read as the text '1e-06' (and the job would refuse it)."""
+    from fedsweep.cli import _spec_mapping
+
+    assert _spec_mapping(json.dumps({"adam_eps": 1e-06, "lr": 2e-5}), "--settings") == {"adam_eps": 1e-06, "lr": 2e-5}
+    assert _spec_mapping("{lr: 0.5, peft: {method: lora}}", "--settings") == {"lr": 0.5, "peft": {"method": "lora"}}

@@ -85,6 +85,9 @@ CASES = [
     ("lr-negative", _set("models.tiny-bert.train.lr", -1),
      "config: models.tiny-bert.train.lr=-1: -1 is less than or equal to the minimum of 0"),
     ("lr-string", _set("train.lr", "fast"), "config: train.lr='fast': 'fast' is not of type 'number'"),
+    ("lr-exponent-without-point", _set("train.lr", "1e-5"),  # what YAML 1.1 makes of `lr: 1e-5`
+     "config: train.lr='1e-5': '1e-5' is not of type 'number' (YAML reads a number without a '.' before its "
+     "exponent as text: write 1.0e-5)"),
     ("epochs-zero", _set("train.epochs", 0), "config: train.epochs=0: 0 is less than the minimum of 1"),
     ("batch-size-float", _set("train.batch_size", 16.5),
      "config: train.batch_size=16.5: 16.5 is not of type 'integer'"),

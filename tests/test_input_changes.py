@@ -19,9 +19,9 @@ from helpers import copy_workflow, job_counts, local_csv, small_config, snakemak
 
 def _rerun_config() -> dict:
     """Two data sets (a local CSV and a synthetic one) x two models (a built-in tiny one and a local
-    save_pretrained folder) x K in {1, 2}, one round each: 8 small cells."""
+    save_pretrained folder), K=1, one round each: 4 small cells."""
     return {
-        "clients": [1, 2],
+        "clients": [1],
         "models": {"tiny-bert": {"tokenizer": "minilm"},
                    "mybert": {"spec": "./models/mybert", "tokenizer": "minilm"}},
         "datasets": {
@@ -53,23 +53,23 @@ def test_changed_local_data_or_model_reruns_exactly_what_depends_on_it(tmp_path)
     snakemake(work, "--cores", "2", *args, timeout=900)
     assert "Nothing to be done" in (p := snakemake(work, "-n", *args)).stdout + p.stderr
 
-    # The user's data file changes (300 -> 200 rows): its data, tokens, shards and 4 cells rerun.
+    # The user's data file changes (300 -> 200 rows): its data, tokens, shards and 2 cells rerun.
     csv = work / "data" / "300_train.csv"
     pd.read_csv(csv).head(200).to_csv(csv, index=False)
     dry = snakemake(work, "-n", *args)
     assert job_counts(dry.stdout + dry.stderr) == {
-        "prepare_data": 1, "tokenize": 1, "partition": 2, "train": 4, "report": 1, "all": 1}, dry.stdout
+        "prepare_data": 1, "tokenize": 1, "partition": 1, "train": 2, "report": 1, "all": 1}, dry.stdout
     outputs = [line for line in dry.stdout.splitlines() if line.strip().startswith("output:")]
     assert not any("runs/synthetic" in line for line in outputs), outputs
     snakemake(work, "--cores", "2", *args, timeout=900)
     meta = yaml.safe_load((work / "results/data/mine/meta.json").read_text())
     assert meta["rows"]["train"] == 200
 
-    # The local model's weights change: its fetch record and its 4 cells rerun, nothing else.
+    # The local model's weights change: its fetch record and its 2 cells rerun, nothing else.
     weights = next((work / "models" / "mybert").glob("*.safetensors"))
     os.utime(weights)
     dry = snakemake(work, "-n", *args)
-    assert job_counts(dry.stdout + dry.stderr) == {"fetch_model": 1, "train": 4, "report": 1, "all": 1}, dry.stdout
+    assert job_counts(dry.stdout + dry.stderr) == {"fetch_model": 1, "train": 2, "report": 1, "all": 1}, dry.stdout
     outputs = [line for line in dry.stdout.splitlines() if line.strip().startswith("output:")]
     assert not any("/tiny-bert/" in line for line in outputs), outputs
 

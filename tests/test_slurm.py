@@ -43,21 +43,6 @@ def cluster():
         yield c
 
 
-def _wait_for_text(path: Path, pattern: str, timeout: float, job_state=None) -> re.Match:
-    """Poll ``path`` until ``pattern`` matches its text; bounded by ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            m = re.search(pattern, path.read_text(errors="replace"))
-            if m:
-                return m
-        if job_state is not None and job_state() not in (None, "PENDING", "CONFIGURING", "RUNNING"):
-            break
-        time.sleep(0.3)
-    text = path.read_text(errors="replace") if path.exists() else "(no file)"
-    raise AssertionError(f"{pattern!r} not seen in {path} within {timeout:.0f}s:\n{text[-3000:]}")
-
-
 def test_sbatch_runs_a_job(cluster, tmp_path):
     out = tmp_path / "hello.out"
     job = cluster.sbatch("-p", cluster.partition, "-o", str(out), "--wrap", "echo hello from job $SLURM_JOB_ID")
@@ -65,67 +50,10 @@ def test_sbatch_runs_a_job(cluster, tmp_path):
     assert out.read_text().strip() == f"hello from job {job}"
 
 
-def _fedsweep(*args: str, env: dict) -> None:
-    res = subprocess.run(["fedsweep", *args], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, f"fedsweep {' '.join(args)} failed:\n{res.stdout}{res.stderr}"
-
-
-@pytest.mark.slow
-def test_cancelled_training_job_resumes_to_identical_metrics(cluster, tmp_path):
-    """scancel a `fedsweep train` job mid-run; the resubmitted job resumes from its checkpoint
-    and ends with the metrics of an uninterrupted run (bitwise, on a CPU)."""
-    env = cluster.env
-    _fedsweep("prepare", "--name", "synth", "--out-dir", str(tmp_path / "data"), "--spec",
-              "{source: synthetic, num_classes: 4, train_size: 256, test_size: 64, difficulty: 0.3, seed: 1}",
-              env=env)
-    _fedsweep("tokenize", "--data-dir", str(tmp_path / "data"), "--tokenizer", "tiny-bert", "--max-length", "32",
-              "--out-dir", str(tmp_path / "tokens"), env=env)
-    _fedsweep("partition", "--data-dir", str(tmp_path / "data"), "--clients", "2", "--seed", "0",
-              "--out", str(tmp_path / "shards.parquet"), env=env)
-    rounds = 20
-
-    def train(out_dir: Path, log: Path) -> str:
-        cmd = (f"exec fedsweep train --tokens-dir {tmp_path / 'tokens'} --shards {tmp_path / 'shards.parquet'}"
-               f" --model tiny-bert --rounds {rounds} --epochs 1 --batch-size 16 --lr 0.05 --device cpu"
-               f" --progress lines --out-dir {out_dir}")
-        return cluster.sbatch("-p", cluster.partition, "-c", "1", "-t", "10", "-o", str(log), "--wrap", cmd)
-
-    baseline = train(tmp_path / "baseline", tmp_path / "baseline.log")
-    run_dir = tmp_path / "run"
-    first = train(run_dir, tmp_path / "first.log")
-    # Cancel once round 3 is done: well inside the 20 rounds.
-    _wait_for_text(tmp_path / "first.log", r"round 3/20", timeout=240, job_state=lambda: cluster.job_state(first))
-    cluster.run(["scancel", first])
-    assert cluster.wait_job(first, timeout=90) == "CANCELLED"
-    log = (tmp_path / "first.log").read_text()
-    saved = re.search(r"SIGTERM: saved round (\d+)", log)
-    assert saved, f"the cancelled job did not checkpoint on SIGTERM:\n{log[-2000:]}"
-    saved_round = int(saved.group(1))
-    assert 3 <= saved_round < rounds
-    assert (run_dir / "checkpoint.pt").exists()
-    assert not (run_dir / "metrics.parquet").exists()
-
-    second = train(run_dir, tmp_path / "second.log")
-    assert cluster.wait_job(second, timeout=300) == "COMPLETED", (tmp_path / "second.log").read_text()[-3000:]
-    assert cluster.wait_job(baseline, timeout=300) == "COMPLETED", (tmp_path / "baseline.log").read_text()[-3000:]
-
-    summary = json.loads((run_dir / "run.json").read_text())
-    assert summary["resumed_from_round"] == saved_round
-    assert summary["slurm_job_id"] == second
-    assert json.loads((tmp_path / "baseline" / "run.json").read_text())["resumed_from_round"] == 0
-
-    import pandas as pd
-
-    resumed = pd.read_parquet(run_dir / "metrics.parquet").drop(columns=TIMINGS)
-    uninterrupted = pd.read_parquet(tmp_path / "baseline" / "metrics.parquet").drop(columns=TIMINGS)
-    assert list(resumed["round"]) == list(range(rounds + 1))
-    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
-
-
 def _demo_config(path: Path, second_threshold: int, chain: bool = False, **resources) -> dict:
     """config/demo.yaml cut to tiny-bert and K in {1, 2}, for a few minutes on 2 CPU cores; with
-    ``chain``, also the data set ``chain``: a copy of the demo's, whose cells have a max_runtime of
-    two thirds of their runtime, so that each runs as a chain of two jobs."""
+    ``chain``, its cells have a max_runtime of two thirds of their runtime, so that each runs as a
+    chain of two jobs."""
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["results_dir"] = "results"
     cfg["models"] = {"tiny-bert": {k: v for k, v in cfg["models"]["tiny-bert"].items() if k != "seeds"}}
@@ -138,7 +66,7 @@ def _demo_config(path: Path, second_threshold: int, chain: bool = False, **resou
     cfg["datasets"][name]["second_threshold"] = second_threshold
     cfg["datasets"][name]["budget"] = min(cfg["datasets"][name]["budget"], second_threshold)
     if chain:
-        cfg["datasets"]["chain"] = {**cfg["datasets"][name], "resources": {"max_runtime": 20}}
+        cfg["datasets"][name]["resources"] = {"max_runtime": 20}
     # CPU jobs of 30 min (a chain link: 15); memory estimated (tiny-bert: the 2000 MB floor)
     cfg["resources"] = {"gpus": 0, "runtime": 30, "mem_mb": "auto", **resources}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -217,27 +145,45 @@ def test_memory_request_above_the_node_is_refused_with_one_line(cluster, tmp_pat
     assert res.returncode == 1 and f"asks for mem_mb={too_much} (resources.mem_mb)" in res.stdout, res.stdout
 
 
+def _uninterrupted(work: Path, summary_file: Path, rounds: int, out: Path) -> subprocess.Popen:
+    """The cell of ``summary_file`` (a run.json) trained to ``rounds`` in one local process, started
+    now, from its settings and the workflow's tokens and shards, with the job's threads (CPU
+    results are bitwise at one thread count)."""
+    from fedsweep.trainconfig import CELL_KEYS
+
+    summary = json.loads(summary_file.read_text())
+    cfg = summary["config"]
+    settings = {key: cfg[key] for key in CELL_KEYS if key in cfg}
+    cmd = ["fedsweep", "train", "--tokens-dir", cfg["tokens_dir"], "--shards", cfg["shards"], "--model", cfg["model"],
+           "--rounds", str(rounds), "--seed", str(cfg["seed"]), "--dataset", cfg["dataset"], "--device", "cpu",
+           "--progress", "none", "--out-dir", str(out), "--settings", json.dumps(settings)]
+    threads = str(summary["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.mark.slow
 def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, tmp_path):
     """The demo grid (cut down) through `--profile profiles/slurm --profile profiles/slurm-ci`,
-    under umask 002: every job but the local ones goes through sbatch, one training job is
-    scancel'ed mid-run, Snakemake resubmits it (retries), the new job resumes from the checkpoint,
-    and the cell's log keeps both attempts. The same cells with a max_runtime below their runtime
-    run as chains of two jobs and end with the metrics of the single jobs. Every output file is
-    group-readable and -writable (0664)."""
+    under umask 002: every job but the local ones goes through sbatch, each cell runs as a chain of
+    two jobs (its max_runtime is below its runtime), the first job of one cell is scancel'ed
+    mid-run (SIGTERM: it saves its round), Snakemake resubmits it (retries), the new job resumes
+    from the checkpoint, and the chain ends with the metrics of one uninterrupted local run
+    (bitwise, on a CPU); the cell's log keeps every job. Every output file is group-readable and
+    -writable (0664)."""
     _needs_workflow()
     work = tmp_path / "work"
     work.mkdir()
-    rounds = 12
+    rounds, first_link = 12, 6
     cfg = _demo_config(work / "config.yaml", second_threshold=rounds, chain=True)
     dataset = next(iter(cfg["datasets"]))
-    victim_log = work / "results" / "logs" / "train" / dataset / "tiny-bert" / "fedavg" / "iid_K2_seed0.log"
-    victim_run = work / "results" / "runs" / dataset / "tiny-bert" / "fedavg" / "iid_K2_seed0"
-    victim_comment = f"rule_train_wildcards_{dataset}_tiny-bert_fedavg_iid_2_0"
+    runs = work / "results" / "runs" / dataset / "tiny-bert" / "fedavg"
+    victim_run = runs / "iid_K2_seed0"
+    victim_comment = f"rule_train_segment_wildcards_{dataset}_tiny-bert_fedavg_iid_2_0_{first_link}"
 
     cmd = _snakemake_cmd(work / "config.yaml")
     smk_log = work / "snakemake.log"
-    killed = None
+    killed = baseline = None
     timeout = 900
     t0 = time.monotonic()
     with open(smk_log, "w") as out:
@@ -247,14 +193,19 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None and time.monotonic() < deadline:
-                done = [int(r) for r in re.findall(r"round (\d+)/", victim_log.read_text())] if victim_log.exists() else []
-                if killed is None and done and 2 <= max(done) < rounds:
+                log = victim_run / "train.log"
+                done = [int(r) for r in re.findall(r"round (\d+)/", log.read_text())] if log.exists() else []
+                if killed is None and done and 2 <= max(done) < first_link - 1:
                     listing = cluster.run(["squeue", "-h", "-o", "%i|%k"]).stdout.split()
                     ids = [line.split("|")[0] for line in listing if line.split("|", 1)[1] == victim_comment]
                     if ids:
                         killed = ids[0]
                         cluster.run(["scancel", killed])
-                time.sleep(0.5)
+                # the uninterrupted run to compare with, while the workflow mostly waits for SLURM
+                first_summary = victim_run / "segments" / f"r{first_link}.run.json"
+                if baseline is None and first_summary.exists():
+                    baseline = _uninterrupted(work, first_summary, rounds, tmp_path / "baseline")
+                time.sleep(0.2)
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -268,7 +219,7 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
     assert proc.returncode == 0, f"snakemake exited with {proc.returncode} (timeout {timeout}s):\n{log[-6000:]}"
     print(f"demo through SLURM: {seconds:.0f} s")
 
-    # The figures and tables of the report came out.
+    # The figures and tables of the report came out (a local rule: on the login node).
     results = work / "results"
     for figure in ("accuracy_vs_clients", "rounds_to_target", "accuracy_per_round"):
         for ext in ("png", "pdf"):
@@ -280,50 +231,44 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
     # the cheap jobs (tokenise, shard) as one group job.
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", log)
     kinds = set(re.findall(r"slurm_logs/(rule|group)_(\w+?)/", log))
-    assert {("rule", "train"), ("rule", "train_segment"), ("rule", "report")} <= kinds, log[-4000:]
+    assert {("rule", "train"), ("rule", "train_segment")} <= kinds, log[-4000:]
     assert any(kind == "group" and name.startswith("prep") for kind, name in kinds), kinds
-    assert ("rule", "tokenize") not in kinds and ("rule", "partition") not in kinds
-    for k in (1, 2):
-        summary = json.loads((results / "runs" / dataset / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0" / "run.json").read_text())
-        assert summary["slurm_job_id"] in submitted
+    assert not {("rule", "tokenize"), ("rule", "partition"), ("rule", "report")} & kinds, kinds
 
-    # The cancelled training job failed, was resubmitted, and the new job resumed.
-    assert killed is not None, f"the K=2 training job was never seen running:\n{log[-4000:]}"
+    # The cancelled job failed, was resubmitted, and the new job resumed from its checkpoint.
+    assert killed is not None, f"the K=2 cell's first job was never seen running:\n{log[-4000:]}"
     assert f"SLURM-job '{killed}' failed" in log, log[-4000:]
-    summary = json.loads((victim_run / "run.json").read_text())
-    assert summary["slurm_job_id"] != killed
-    assert summary["resumed_from_round"] >= 2, summary
+    link = json.loads((victim_run / "segments" / f"r{first_link}.run.json").read_text())
+    assert link["slurm_job_id"] in submitted and link["slurm_job_id"] != killed
+    assert 2 <= link["resumed_from_round"] < first_link, link
+
+    # Each cell: a chain of two jobs (rounds 1-6, then 7-12), each asking for its share of the
+    # 30 minutes; the interrupted one ends with the metrics of one uninterrupted run.
     import pandas as pd
 
-    metrics = pd.read_parquet(victim_run / "metrics.parquet")
-    assert list(metrics["round"]) == list(range(rounds + 1))
-
-    # The cell's log holds both attempts, each under its header, and the SIGTERM between them.
-    text = victim_log.read_text()
-    first = f"fedsweep train to round {rounds}: attempt 1, SLURM job {killed} on "
-    second = f"fedsweep train to round {rounds}: attempt 2, SLURM job {summary['slurm_job_id']} on "
-    assert first in text and second in text, text[-3000:]
-    assert text.index(first) < text.index("SIGTERM: saved round") < text.index(second)
-    assert os.path.samefile(victim_log, victim_run / "train.log")
-
-    # The chains: two jobs each (rounds 1-6, then 7-12), the same metrics as one job.
     for k in (1, 2):
-        chain = results / "runs" / "chain" / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0"
-        single = results / "runs" / dataset / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0"
-        assert (chain / "segments" / "r6.done").exists()
-        part = json.loads((chain / "segments" / "r6.run.json").read_text())
-        assert part["resumed_from_round"] == 0 and part["config"]["rounds"] == 6
-        last = json.loads((chain / "run.json").read_text())
-        assert last["resumed_from_round"] == 6 and last["slurm_job_id"] != part["slurm_job_id"]
-        got = pd.read_parquet(chain / "metrics.parquet").drop(columns=TIMINGS + ["dataset"])
-        want = pd.read_parquet(single / "metrics.parquet").drop(columns=TIMINGS + ["dataset"])
-        pd.testing.assert_frame_equal(got, want, check_exact=True)
-        chain_log = (results / "logs" / "train" / "chain" / "tiny-bert" / "fedavg" / f"iid_K{k}_seed0.log").read_text()
-        assert "fedsweep train to round 6: attempt 1" in chain_log
-        assert "fedsweep train to round 12: attempt 1" in chain_log
-    # each link asked for its share of the 30 minutes
+        run = runs / f"iid_K{k}_seed0"
+        part = json.loads((run / "segments" / f"r{first_link}.run.json").read_text())
+        last = json.loads((run / "run.json").read_text())
+        assert part["config"]["rounds"] == first_link and (k == 2 or part["resumed_from_round"] == 0)
+        assert last["resumed_from_round"] == first_link and last["slurm_job_id"] in submitted
+        assert last["slurm_job_id"] != part["slurm_job_id"]
+        assert list(pd.read_parquet(run / "metrics.parquet")["round"]) == list(range(rounds + 1))
+    assert baseline is not None and baseline.wait(timeout=300) == 0, baseline.stdout.read()
+    got = pd.read_parquet(victim_run / "metrics.parquet").drop(columns=TIMINGS)
+    want = pd.read_parquet(tmp_path / "baseline" / "metrics.parquet").drop(columns=TIMINGS)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
     assert re.search(r"rule train_segment:(?:\n    .*)*?\n    resources: .*runtime=15,", log), log[-4000:]
-    assert "Error in rule train_segment" not in log
+
+    # The cell's log holds every job under its header, and the SIGTERM after the first.
+    text = (victim_run / "train.log").read_text()
+    headers = [f"fedsweep train to round {first_link}: attempt 1, SLURM job {killed} on ",
+               f"fedsweep train to round {first_link}: attempt 2, SLURM job {link['slurm_job_id']} on ",
+               f"fedsweep train to round {rounds}: attempt 1, SLURM job {last['slurm_job_id']} on "]
+    assert all(h in text for h in headers), text[-3000:]
+    assert text.index(headers[0]) < text.index("SIGTERM: saved round") < text.index(headers[1]) < text.index(headers[2])
+    assert os.path.samefile(victim_run / "train.log",
+                            results / "logs" / "train" / dataset / "tiny-bert" / "fedavg" / "iid_K2_seed0.log")
 
     # umask 002: every file the jobs wrote is group-readable and -writable
     modes = {str(p.relative_to(results)): oct(p.stat().st_mode & 0o777) for p in results.rglob("*") if p.is_file()}

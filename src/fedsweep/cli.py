@@ -17,9 +17,16 @@ from . import FedsweepError, __version__
 
 
 def _spec_mapping(text: str, origin: str) -> dict:
-    """The spec in ``text`` (YAML or JSON), which must be a mapping; ``origin`` names it in errors."""
+    """The spec in ``text`` (YAML or JSON), which must be a mapping; ``origin`` names it in errors.
+
+    JSON first: what the workflow passes is JSON, whose numbers such as ``1e-06`` (json.dumps of
+    1e-6) YAML 1.1 would read as text."""
     try:
-        spec = yaml.safe_load(text)
+        spec = json.loads(text)
+    except ValueError:
+        spec = None
+    try:
+        spec = yaml.safe_load(text) if spec is None else spec
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -94,7 +95,19 @@ def validate_schema(config: dict[str, Any]) -> None:
         raise error(f"{field_}={err.instance!r} must not be empty")
     if isinstance(err.instance, dict):  # e.g. an unknown key: the message names it
         raise error(f"{field_}: {err.message}")
+    if err.validator == "type" and isinstance(err.instance, str) and _YAML11_NUMBER.match(err.instance):
+        raise error(f"{field_}={err.instance!r}: {err.message} (YAML reads a number without a '.' before its "
+                    f"exponent as text: write {_with_point(err.instance)})")
     raise error(f"{field_}={err.instance!r}: {err.message}")
+
+
+# A number YAML 1.1 (PyYAML, Snakemake) reads as a string: 1e-5, 2E+3 (1.0e-5 is a float).
+_YAML11_NUMBER = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
+def _with_point(text: str) -> str:
+    mantissa, exponent = re.split("[eE]", text, maxsplit=1)
+    return f"{mantissa}.0e{exponent}"
 
 
 # ----------------------------------------------------------------------------- cross-field checks

@@ -1,5 +1,9 @@
+# All three read small files (the config, the cells' metrics) and plot for a minute at most: on the
+# head node they start at once, where a cluster job would first wait in the queue.
 localrules:
     report_config,
+    report,
+    figures,
 
 
 # The effective config (the config files, --config overrides and the schema's defaults) that
