@@ -184,6 +184,8 @@ def test_report_on_a_cluster_without_accounting(tmp_path):
     assert len(rep.problems) == 1 and "sacct fails" in rep.problems[0]
     assert "  slurm_account:" not in text and "slurm_account=" not in text  # no accounts listed: nothing to set
     assert "mem_mb gpus  jobs" in text and "tiny-bert" in text
+    # the bundled tiny models' sizes come from their configs, not BERT-base's (108.3M) assumed
+    assert "tiny-llama               4.4M tiny" in text and "assumed" not in text
     # `snakemake --profile slurm --slurm-status-command squeue`: the flag on the command line counts
     flagged = cluster_check.check_cluster_report(ci_cluster(), profile=profile, profile_names=["profiles/slurm"],
                                                  sweep=config, config_names=["config/demo.yaml"],

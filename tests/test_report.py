@@ -76,6 +76,11 @@ def write_tree(root, cells):
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     results = write_tree(tmp / "results", CELLS)
+    for k in (1, 8):  # layer drift (the layer_drift figure) beside two cells
+        pd.DataFrame([("imdb", "tiny", k, 0, r, g, "relative_drift", 0.0 if k == 1 else 0.01 * r)
+                      for r in range(1, 21) for g in ("embeddings", "block 0", "head")],
+                     columns=["dataset", "model", "clients", "seed", "round", "group", "metric", "value"]
+                     ).to_parquet(results / "imdb" / "tiny" / f"K{k}" / "seed0" / "layers.parquet")
     (tmp / "config.yaml").write_text(CONFIG)
     outputs = make_report([str(results)], str(tmp / "config.yaml"), str(tmp / "tables"), str(tmp / "figures"))
     return {"outputs": outputs, "tmp": tmp,

@@ -39,7 +39,7 @@ from .io import atomic_path, write_json
 # checkpoint without them is FedAvg's, with no state, which is what it was.
 CHECKPOINT_FORMAT = 2
 # What a run writes (atomically); progress.json: the checkpoint's round and times for `fedsweep status`
-CHECKPOINT_NAMES = ("checkpoint.pt", progress.PROGRESS_NAME, "metrics.parquet", "run.json")
+CHECKPOINT_NAMES = ("checkpoint.pt", progress.PROGRESS_NAME, "metrics.parquet", "layers.parquet", "run.json")
 
 
 class StaleCheckpoint(FedsweepError):

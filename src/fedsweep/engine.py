@@ -5,7 +5,8 @@
   padding between them). All clients are trained on that one model in turn, so loading the
   global weights into a client is one copy and an SGD step is one fused ``add_``.
 - :func:`client_batches`: a client's batches, in an order fixed by (seed, round, client, epoch).
-- :func:`evaluate`: accuracy and loss sums of the global model over test batches.
+- :func:`evaluate`: accuracy and loss sums of the global model over test batches
+  (:func:`evaluate_classes`: the same pass, its sums split by true label).
 
 The federated algorithm is built on these: the server strategies (FedAvg, FedAvgM, FedAdam,
 FedYogi, FedAdagrad) are in :mod:`fedsweep.strategies`, the client updates (local SGD or AdamW,
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -202,20 +203,60 @@ def eval_batches(lengths_cpu: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+class EvalSums(NamedTuple):
+    """Per-class sums of one evaluation (index: the true label), and the total loss.
+
+    ``loss_sum`` is summed batch by batch as before per-class sums existed (so the test loss is
+    bitwise what it was); ``loss_c`` holds the same per-example losses split by true label."""
+
+    correct_c: torch.Tensor  # int64 (C,): examples of class c predicted right
+    loss_c: torch.Tensor  # float64 (C,): summed cross-entropy of the examples of class c
+    count_c: torch.Tensor  # int64 (C,): examples of class c
+    loss_sum: torch.Tensor  # float64 (): summed cross-entropy of all examples
+
+
 @torch.inference_mode()
+def evaluate_classes(model: torch.nn.Module, data: TokenTensors, batches: list[np.ndarray], lengths_cpu: np.ndarray,
+                     protocol: Protocol, bf16: bool, num_classes: int | None = None) -> EvalSums:
+    """Per-class (correct, summed cross-entropy, count) of the model over the given batches.
+
+    Sums, not means, so that ranks evaluating disjoint batches can add their results, and so
+    that any weighting of the classes (a client's label distribution, :mod:`fedsweep.client_eval`)
+    is computed from this one pass. ``num_classes`` None: the model's number of logits (then a
+    rank with no batches returns empty tensors). The per-class sums are masked column sums, not
+    ``index_add_`` (atomic float adds on GPUs, in no fixed order): the results are reproducible."""
+    model.eval()
+    device = data.ids.device
+    sums = None if num_classes is None else _zero_sums(num_classes, device)
+    for ids, mask, labels in batches_on_device(data, lengths_cpu, batches, protocol):
+        with autocast(device, bf16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = logits.float()
+        if sums is None:
+            sums = _zero_sums(logits.shape[-1], device)
+        # cross_entropy is nll_loss of log_softmax: the same total, bitwise, with the per-example terms kept.
+        log_probs = F.log_softmax(logits, dim=-1)
+        sums.loss_sum.add_(F.nll_loss(log_probs, labels, reduction="sum"))
+        example_loss = -log_probs.gather(1, labels[:, None]).squeeze(1).double()
+        hit = logits.argmax(-1) == labels
+        of_class = F.one_hot(labels, sums.count_c.numel()).bool()  # (B, C)
+        sums.correct_c.add_((of_class & hit[:, None]).sum(0))
+        sums.loss_c.add_(torch.where(of_class, example_loss[:, None], 0.0).sum(0))
+        sums.count_c.add_(of_class.sum(0))
+    return sums if sums is not None else _zero_sums(0, device)
+
+
+def _zero_sums(num_classes: int, device: torch.device) -> EvalSums:
+    return EvalSums(torch.zeros(num_classes, dtype=torch.int64, device=device),
+                    torch.zeros(num_classes, dtype=torch.float64, device=device),
+                    torch.zeros(num_classes, dtype=torch.int64, device=device),
+                    torch.zeros((), dtype=torch.float64, device=device))
+
+
 def evaluate(model: torch.nn.Module, data: TokenTensors, batches: list[np.ndarray], lengths_cpu: np.ndarray,
              protocol: Protocol, bf16: bool) -> tuple[float, float]:
     """(number correct, summed cross-entropy) of the model over the given batches of a split.
 
     Sums, not means, so that ranks evaluating disjoint batches can add their results."""
-    model.eval()
-    device = data.ids.device
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for ids, mask, labels in batches_on_device(data, lengths_cpu, batches, protocol):
-        with autocast(device, bf16):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(-1) == labels).sum()
-    return float(correct), float(loss_sum)
+    sums = evaluate_classes(model, data, batches, lengths_cpu, protocol, bf16)
+    return float(sums.correct_c.sum()), float(sums.loss_sum)

@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from . import algorithm as algo
+from .client_eval import CLIENT_COLUMNS
 from .models import num_parameters
 from .partition import partition_record
 
@@ -42,6 +43,9 @@ METRIC_COLUMNS = [
     # peak memory so far (GPU: torch.cuda.max_memory_allocated; CPU: the peak RSS from getrusage)
     "trainable_parameters", "total_parameters", "upload_bytes", "download_bytes", "upload_bytes_per_client",
     "peak_memory_bytes",
+    # the global model on each client's label distribution, summarised over clients (evaluated
+    # rounds; NaN on the others): mean, std, worst client, 10th percentile, mean loss (client_eval)
+    *CLIENT_COLUMNS,
     # True from the round whose training loss exploded on (DIVERGENCE_FACTOR; run.json "diverged")
     "diverged",
 ]

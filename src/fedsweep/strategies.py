@@ -38,11 +38,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
 from .algorithm import STRATEGY_SETTINGS
+
+if TYPE_CHECKING:
+    from .layers import LayerDrift
 
 
 def chunk_size(device: torch.device) -> int:
@@ -103,6 +106,8 @@ class Strategy:
         # one chunking for every pass, so that equal vectors get bitwise-equal norms (K=1: rms 0)
         self.chunk = min(self.CPU_CHUNK if cpu else chunk_size(global_weights.device), global_weights.numel())
         self.host_casts = cpu  # cast through reused scratch (see chunk_size); tests set it off on a CPU
+        # per-layer-group sums (fedsweep.layers.attach), fed the chunks below on the rounds it is active
+        self.layers: LayerDrift | None = None
         if cpu:
             self._cast, self._cast_x = (torch.empty(self.chunk, dtype=torch.float64) for _ in range(2))
 
@@ -113,6 +118,12 @@ class Strategy:
         self.total = total_examples
         self.accum.zero_()
         self.direction.zero_()
+        if self._measuring():
+            self.layers.begin_round()
+
+    def _measuring(self) -> bool:
+        """Whether this round's layer groups are measured (:mod:`fedsweep.layers`)."""
+        return self.layers is not None and self.layers.active
 
     @torch.no_grad()
     def add(self, client_weights: torch.Tensor, num_examples: int) -> float:
@@ -130,9 +141,11 @@ class Strategy:
         else:
             self.accum.add_(client_weights, alpha=alpha)  # a GPU casts to fp64 inside the kernel
             squares = 0.0
-            for start, stop in self._spans():
+            for index, (start, stop) in enumerate(self._spans()):
                 u = self._exact_update(client_weights, start, stop)
                 squares += float(torch.dot(u, u))
+                if self._measuring():
+                    self.layers.add_client(index, u, alpha)
             client_weights.sub_(self.weights)
         norm = math.sqrt(squares)
         # ||u_k|| is known only now: a second pass, fp32 only (no temporaries), then the reload
@@ -146,11 +159,14 @@ class Strategy:
         chunk through cache-sized fp64 scratch buffers (see :func:`chunk_size`); returns ``||u_k||^2``
         with the values and sums of :meth:`_exact_update`."""
         squares = 0.0
-        for start, stop in self._spans():
+        measuring = self._measuring()
+        for index, (start, stop) in enumerate(self._spans()):
             x, w = client_weights[start:stop], self.weights[start:stop]
             cast, cast_x = self._cast[:stop - start], self._cast_x[:stop - start]
             self.accum[start:stop].add_(cast.copy_(x), alpha=alpha)
             squares += float(torch.dot(cast.sub_(cast_x.copy_(w)), cast))
+            if measuring:  # cast holds u_k's chunk in fp64 now
+                self.layers.add_client(index, cast, alpha)
             x.sub_(w)
         return squares
 
@@ -167,8 +183,10 @@ class Strategy:
 
     def _update_sums(self, start: int, stop: int) -> tuple[float, float]:
         """``||u||^2`` and ``<d, u>`` over ``[start, stop)``, ``u = average - x`` with the fp64 average
-        (before the server step moves ``x``)."""
+        (before the server step moves ``x``); the layer groups' too, when measured."""
         u = self._exact_update(self.accum, start, stop)
+        if self._measuring():
+            self.layers.add_average(start // self.chunk, u, self.weights[start:stop])
         return float(torch.dot(u, u)), float(torch.dot(self.direction[start:stop].double(), u))
 
     # --- the server step --------------------------------------------------------------------------
@@ -195,6 +213,8 @@ class Strategy:
         if self.reduce is not None:
             self.reduce(self.accum)
             self.reduce(self.direction)
+            if self._measuring():
+                self.reduce(self.layers.client_sq)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The strategy's state between rounds (beyond the global weights): saved in checkpoints."""

@@ -9,6 +9,7 @@ progress are :mod:`fedsweep.runtime`. No algorithm is special-cased here: what o
 when resuming and records comes through its client update and strategy.
 
 Outputs in ``out_dir``: ``metrics.parquet`` (one row per evaluated round, written at the end),
+``layers.parquet`` (per evaluated round, the drift per layer group: :mod:`fedsweep.layers`),
 ``run.json`` (config, versions, device, threads, labels, data provenance, wall time, throughput)
 and ``checkpoint.pt`` (after every round, atomically: the global weights, the round, the metrics
 so far, the config hash, the thread count and the algorithm's state; ``progress.json`` beside it: its
@@ -49,12 +50,13 @@ import torch
 
 from . import FedsweepError
 from . import algorithm as algo
-from . import lora
+from . import client_eval
+from . import layers, lora
 from . import record
 from . import stop as stop_signal
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAMES, RunCheckpoint
 from .clients import build_client_update
-from .engine import PROTOCOLS, FlatParameters, eval_batches, evaluate
+from .engine import PROTOCOLS, FlatParameters, eval_batches, evaluate_classes
 from .grouped import ClientGroups
 from .grouped import check_support as check_grouping_support
 from .io import remove_stale_temps, write_json, write_parquet
@@ -220,6 +222,7 @@ class _Cell:
         self.strategy = build_strategy(cfg.strategy, flat.data.clone(), **algo.strategy_settings(cfg))
         if self.peft.aggregation == "exact" and self.peft.enabled:
             self.strategy = lora.ExactAggregation(self.strategy, model, flat)
+        self.layer_drift = layers.attach(self.strategy, model, flat)  # measured on evaluated rounds
         self.footprint = record.Footprint(flat.num_parameters, total_parameters(model),
                                           *lora.communication_bytes(flat, self.strategy))
         self.strategy.reduce = ranks.all_reduce_sum if ranks.world > 1 else None
@@ -271,6 +274,9 @@ class _Cell:
         train = load_split(cfg.tokens_dir, "train", width=width)
         test = load_split(cfg.tokens_dir, "test", width=width)
         self.train_len, self.test_len = train.lengths.numpy(), test.lengths.numpy()
+        # Each client's label distribution, for the per-client accuracies (fedsweep.client_eval).
+        self.client_labels = client_eval.label_distributions(train.labels.numpy(), self.inputs.shards.indices,
+                                                             self.inputs.num_labels)
         self.train, self.test = train.to(self.device), test.to(self.device)
         self.test_batches = eval_batches(self.test_len, cfg.eval_batch_size)
 
@@ -282,20 +288,29 @@ class _Cell:
             seed=cfg.seed, lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_rounds=cfg.warmup_rounds, rounds=cfg.rounds,
             per_round=self.per_round, bf16=bf16, groups=self.groups, rank=self.ranks.rank, world=self.ranks.world)
 
-    def evaluate_global(self, bf16: bool) -> tuple[float, float, float]:
+    def evaluate_global(self, bf16: bool) -> tuple[float, float, float, dict[str, float]]:
+        """(test accuracy, test loss, seconds, the per-client columns): one pass over the test set."""
         self.flat.data.copy_(self.strategy.weights)
         t0 = time.perf_counter()
         ranks = self.ranks
         # Ranks split the test batches; the summed counts cover the whole test set exactly once.
-        correct, loss_sum = evaluate(self.model, self.test, self.test_batches[ranks.rank::ranks.world], self.test_len,
-                                     self.protocol, bf16)
-        correct, loss_sum = ranks.sum([correct, loss_sum])
-        return correct / len(self.test), loss_sum / len(self.test), time.perf_counter() - t0
+        sums = evaluate_classes(self.model, self.test, self.test_batches[ranks.rank::ranks.world], self.test_len,
+                                self.protocol, bf16, num_classes=self.inputs.num_labels)
+        counts = torch.stack([sums.correct_c, sums.count_c])  # int64: exact in any order
+        losses = torch.cat([sums.loss_c, sums.loss_sum[None]])
+        if ranks.world > 1:
+            ranks.all_reduce_sum(counts)
+            ranks.all_reduce_sum(losses)
+        (correct_c, count_c), losses = counts.cpu().numpy(), losses.cpu().numpy()
+        clients = client_eval.summary(*client_eval.per_client(self.client_labels, correct_c, losses[:-1], count_c))
+        n = len(self.test)
+        return float(correct_c.sum()) / n, float(losses[-1]) / n, time.perf_counter() - t0, clients
 
     def train_one_round(self, round_: int, progress: Progress) -> dict[str, Any]:
         """Train, all-reduce and aggregate round ``round_``; return its metrics row (not yet evaluated)."""
         cfg, ranks, sizes, fed = self.cfg, self.ranks, self.inputs.shards.sizes, self.fed
         mine = fed.my_clients(round_)
+        self.layer_drift.active = self.evaluated(round_)  # off the hot path of the other rounds
         progress.start_round(round_, sum(
             (sizes[k] - sizes[k] % cfg.batch_size if self.protocol.drop_last else sizes[k]) * cfg.epochs
             for k in mine))
@@ -313,7 +328,13 @@ class _Cell:
                 f"train: loss is not finite at round {round_} (client {int(stats.first_bad_client)}); stopped, {where}"
             )
         return {"round": round_, "test_accuracy": float("nan"), "test_loss": float("nan"), "eval_seconds": 0.0,
-                **fed.finish(stats), **self.footprint.metrics(stats.sampled, self.device)}
+                **fed.finish(stats), **self.footprint.metrics(stats.sampled, self.device),
+                # (group, metric, value) triples: in the checkpoint's rows, so they survive a resume
+                **({"layers": self.layer_drift.rows()} if self.layer_drift.active else {})}
+
+    def evaluated(self, round_: int) -> bool:
+        """Whether round ``round_`` is evaluated (and its layer groups measured)."""
+        return round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds
 
     def save(self, ckpt: RunCheckpoint, round_: int) -> None:
         if self.ranks.rank == 0:  # the only writer
@@ -368,6 +389,7 @@ def _run(cfg: TrainConfig) -> pd.DataFrame:
                  f"{d['factor']:g} x the initial {d['initial_loss']:.3g}; its accuracy is no result")
     if ranks.rank == 0:
         write_parquet(out / "metrics.parquet", metrics)
+        write_parquet(out / layers.LAYERS_NAME, layers.layers_frame(ckpt.rows, metrics))
         write_json(out / "run.json", summary)
         if not cfg.keep_checkpoint and ckpt.path.exists():
             ckpt.path.unlink()
@@ -395,16 +417,17 @@ def _train(cell: _Cell, ckpt: RunCheckpoint) -> tuple[bool, float]:
 
     progress = Progress(cfg.progress if ranks.rank == 0 else "none", cfg.rounds, cell.label)
     if ckpt.loaded is None:
-        acc, loss, secs = cell.evaluate_global(bf16)
-        ckpt.rows.append(record.initial_row(acc, loss, secs, cell.footprint.metrics(0, ranks.device)))
+        acc, loss, secs, clients = cell.evaluate_global(bf16)
+        ckpt.rows.append(record.initial_row(acc, loss, secs, {**cell.footprint.metrics(0, ranks.device), **clients}))
         progress.end_round(ckpt.rows[-1])
         cell.stop_point()
 
     t_start = time.perf_counter()
     for round_ in range(ckpt.start_round, cfg.rounds + 1):
         row = cell.train_one_round(round_, progress)
-        if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
-            row["test_accuracy"], row["test_loss"], row["eval_seconds"] = cell.evaluate_global(bf16)
+        if cell.evaluated(round_):
+            row["test_accuracy"], row["test_loss"], row["eval_seconds"], clients = cell.evaluate_global(bf16)
+            row.update(clients)
         ckpt.rows.append(row)
         progress.end_round(row)
         saved = round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds

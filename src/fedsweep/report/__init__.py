@@ -42,7 +42,8 @@ data grows with K). The baseline is the K=1 cell of the same partition, else (sa
 ``iid``'s (``baseline_partition``). Figures 1-3 show one partition, the reference (``iid`` if
 present, else the first); ``accuracy_vs_clients_by_partition`` compares them all, and ``drift``
 shows the pseudo-gradient norm and the clients' rms distance from their average per round for the
-reference partition and algorithm.
+reference partition and algorithm; ``layer_drift`` shows where in the model the clients diverge (the
+``layers.parquet`` beside each metrics file: :mod:`.layer_drift`).
 
 Layout: :mod:`.load` reads the metrics files and the report config, :mod:`.analysis` computes
 the statistics, :mod:`.sweep` holds one loaded sweep and the views the figures share,
@@ -70,6 +71,7 @@ TABLE_REGISTRY: dict[str, str] = {
     "rounds_to_target": "rounds_to_target",
     "seeds": "seeds",
     "missing_cells": "missing_cells",
+    "client_accuracy": "client_accuracy",
 }
 FIGURE_REGISTRY: dict[str, str] = {
     "accuracy_vs_clients": "plot_accuracy_vs_clients",
@@ -78,6 +80,8 @@ FIGURE_REGISTRY: dict[str, str] = {
     "drift": "plot_drift",
     "accuracy_vs_clients_by_partition": "plot_accuracy_by_partition",
     "accuracy_vs_bytes": "plot_accuracy_vs_bytes",
+    "layer_drift": "plot_layer_drift",
+    "client_accuracy": "plot_client_accuracy",
 }
 TABLES: tuple[str, ...] = tuple(TABLE_REGISTRY)
 FIGURES: tuple[str, ...] = tuple(FIGURE_REGISTRY)

@@ -18,6 +18,8 @@ from .analysis import MEAN_SEED, Run, algorithm_key, communicated_bytes
 from .plotting import (MAX_COLUMNS, accuracy_handles, accuracy_lines, clients_colors, dodge, facets,
                        finish_accuracy_panel, in_panel, legend, log2_clients_axis, model_styles, no_runs, panel_grid,
                        panel_title, share_y_by_dataset, suptitle)
+from .clients import client_accuracy_figure
+from .layer_drift import layer_drift_figure, load_layers
 from .sweep import Sweep
 
 DRIFT_PANELS = (("pseudo_gradient_norm", "pseudo-gradient norm"), ("client_drift_rms", "client spread (rms)"))
@@ -293,3 +295,14 @@ def plot_accuracy_vs_bytes(sweep: Sweep) -> Figure:
     legend(fig, handles)
     suptitle(fig, "Test accuracy against communicated bytes (mean over seeds)" + sweep.drift_note)
     return fig
+
+
+def plot_client_accuracy(sweep: Sweep) -> Figure:
+    """Mean and worst-client accuracy at the budget vs K, a colour per partition (:mod:`.clients`)."""
+    return client_accuracy_figure(sweep)
+
+
+def plot_layer_drift(sweep: Sweep) -> Figure:
+    """Relative client drift by layer group over rounds, smallest beside largest K, for the reference
+    partition and algorithm (:mod:`.layer_drift`)."""
+    return layer_drift_figure(load_layers(list(sweep.drift_frame["source"].unique())), sweep.drift_note)

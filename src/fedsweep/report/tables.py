@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .clients import client_accuracy_table
 from .sweep import Sweep
 
 
@@ -29,3 +30,8 @@ def seeds(sweep: Sweep) -> pd.DataFrame:
 def missing_cells(sweep: Sweep) -> pd.DataFrame:
     """Per (cell, seed) of the grid without metrics."""
     return sweep.missing
+
+
+def client_accuracy(sweep: Sweep) -> pd.DataFrame:
+    """Per seed and seed mean, at the round used: the global model on each client's label distribution."""
+    return client_accuracy_table(sweep)
