@@ -262,7 +262,7 @@ def test_stop_module_imports_nothing_heavy():
 def _term_during(target: str, args: list[str], *, install_first: bool = False) -> subprocess.CompletedProcess:
     """``python -m fedsweep ARGS`` in a subprocess that sends itself SIGTERM when ``target`` runs:
     "imports" (after the handler is installed, as cli.main will, before torch is imported), or
-    a function of fedsweep.train ("load_split": data load, "evaluate": the round-0 evaluation,
+    a function of fedsweep.train ("load_split": data load, "evaluate_classes": the round-0 evaluation,
     "write_parquet": the final writes)."""
     if target == "imports":
         hook = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
@@ -289,7 +289,7 @@ def _term_during(target: str, args: list[str], *, install_first: bool = False) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["imports", "load_split", "evaluate"])
+@pytest.mark.parametrize("target", ["imports", "load_split", "evaluate_classes"])
 def test_sigterm_before_round_1_finished_says_nothing_saved(synth_tokens, tmp_path, target):
     out = tmp_path / target
     proc = _term_during(target, _args(synth_tokens, out), install_first=target == "imports")
