@@ -96,19 +96,25 @@ def test_resume_after_sigkill_mid_round_gives_identical_metrics(synth_tokens, tm
     assert (a["test_loss"].to_numpy() == b["test_loss"].to_numpy()).all()
 
 
+def _signal_after_round(args: list[str], out, round_: int, sig: int) -> tuple[subprocess.Popen, str]:
+    """``fedsweep ARGS`` for 50 rounds into ``out``, sent ``sig`` once round ``round_`` is logged;
+    the process and the rest of its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedsweep", *args, "--rounds", "50", "--out-dir", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if f"round {round_}/50" in line:
+            break
+    proc.send_signal(sig)
+    return proc, proc.stderr.read()
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_the_last_round_like_sigterm(synth_tokens, tmp_path):
     """Ctrl-C in a terminal (SIGINT): one line saying what was saved, exit 130, no traceback."""
     out = tmp_path / "c"
-    proc = subprocess.Popen([sys.executable, "-m", "fedsweep", "train", "--tokens-dir", str(synth_tokens / "tokens"),
-                             "--shards", _shards(synth_tokens, 2), "--model", "tiny-bert", "--epochs", "1",
-                             "--batch-size", "16", "--lr", "0.05", "--progress", "lines", "--rounds", "50",
-                             "--out-dir", str(out)], stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if "round 1/50" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
+    args = ["train", "--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 2),
+            "--model", "tiny-bert", "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--progress", "lines"]
+    proc, rest = _signal_after_round(args, out, 1, signal.SIGINT)
     assert proc.wait(timeout=60) == 130, rest
     assert "SIGINT: saved round" in rest and "KeyboardInterrupt" not in rest and "Traceback" not in rest, rest
     assert torch.load(out / "checkpoint.pt", weights_only=False)["round"] >= 1
@@ -120,13 +126,7 @@ def test_sigterm_saves_last_round_exits_143_and_resumes_bitwise(synth_tokens, tm
     args = ["train", "--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 2),
             "--model", "tiny-bert", "--epochs", "1", "--batch-size", "16", "--lr", "0.05",
             "--checkpoint-every", "100", "--progress", "lines"]
-    proc = subprocess.Popen([sys.executable, "-m", "fedsweep", *args, "--rounds", "50", "--out-dir", str(out)],
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if "round 2/50" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
+    proc, rest = _signal_after_round(args, out, 2, signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, rest
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["round"] >= 2 and len(ckpt["metrics"]) == ckpt["round"] + 1  # saved though every=100
