@@ -297,6 +297,13 @@ CASES = [
                            "peft": {"method": "lora", "target_modules": "attention.self.q_proj"}}),
      "config: models.tiny-bert2.peft.target_modules: 'attention.self.q_proj' is no module of this bert model (LoRA "
      "can adapt: word_embeddings, position_embeddings, token_type_embeddings, query, key, value, dense, classifier)"),
+    ("compile-with-client-group", _set("train", {"compile": True, "client_group": 4}),
+     "config: train.compile=true with train.client_group=4: the compiled step trains one client at a time (set "
+     "one of them back)"),
+    ("negative-pad-multiple", _set("train.pad_multiple", -32),
+     "config: train.pad_multiple=-32: -32 is less than the minimum of 0"),
+    ("compile-not-a-boolean", _set("train.compile", "yes"),
+     "config: train.compile='yes': 'yes' is not of type 'boolean'"),
     ("client-group-on-a-decoder", _model("tiny-llama", {"tokenizer": "minilm", "train": {"client_group": 2}}),
      "config: models.tiny-llama: client_group=2 (client batching) does not support decoder models; use "
      "client_group: 1 for it (dataset synthetic, K=1)"),

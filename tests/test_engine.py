@@ -219,11 +219,25 @@ class _Recorder(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
+        self.config = inner.config
         self.calls = []
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
 
     def forward(self, input_ids, attention_mask=None):
         self.calls.append((input_ids.clone(), None if attention_mask is None else attention_mask.clone()))
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def _key_mask(ids, mask):
+    """The (B, L) padding mask behind what the engine fed: an encoder gets its attention's 4-D
+    mask (B, 1, L, L; query 0's row shows which keys it sees), an unpadded batch none."""
+    if mask is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    assert mask.shape == (ids.shape[0], 1, ids.shape[1], ids.shape[1]) and mask.dtype == torch.bool
+    assert (mask == mask[:, :, :1, :]).all()  # bidirectional: every query sees the same keys
+    return mask[:, 0, 0, :]
 
 
 def _fed_inputs(synth_tokens, protocol):
@@ -253,10 +267,14 @@ def test_standard_protocol_masks_reshuffles_and_pads_dynamically(synth_tokens):
     calls, data = _fed_inputs(synth_tokens, "standard")
     assert len(calls) == 2 * 2 * 4  # the last partial batch (12 rows) is kept
     assert [ids.shape[0] for ids, _ in calls[:4]] == [16, 16, 16, 12]
+    assert any(mask is not None for _, mask in calls)
+    calls = [(ids, _key_mask(ids, mask)) for ids, mask in calls]
     for ids, mask in calls:
-        assert mask is not None and mask.shape == ids.shape
         # Dynamic padding: the batch is as wide as its longest sequence, which the mask shows.
         assert mask.sum(1).max() == ids.shape[1]
+        lengths = (ids != data.pad_token_id).sum(1)
+        assert torch.equal(mask.sum(1), lengths)
+
     def rows(ids, mask):  # each example as its unpadded token tuple
         return [tuple(r[:int(n)].tolist()) for r, n in zip(ids, mask.sum(1))]
 

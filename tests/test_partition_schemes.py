@@ -231,8 +231,8 @@ def test_sizes_known_before_the_jobs_are_those_the_jobs_make(name, per_client):
 
 
 def test_a_dirichlet_job_redraws_until_every_shard_holds_a_batch():
-    """The workflow passes a Dirichlet partition job the smallest batch size of its cells as
-    --min-size (the other schemes' sizes are checked before any job)."""
+    """The workflow passes a Dirichlet partition job, as --min-size, the rows every cell using the
+    file needs for a full training batch (the other schemes' sizes are checked before any job)."""
     from fedsweep.config import load
     from helpers import small_config
 
@@ -243,6 +243,9 @@ def test_a_dirichlet_job_redraws_until_every_shard_holds_a_batch():
     sweep = load(config, inputs=False)
     assert sweep.partition_args("synthetic", "d", "4", "0").endswith("--min-size 8")
     assert "--min-size" not in sweep.partition_args("synthetic", "iid", "4", "0")
+    # a held-out slice needs more: 10 rows keep a batch of 8 after holding out round(0.2 x 10) = 2
+    config["overrides"].append({"clients": 4, "set": {"client_holdout": 0.2}})
+    assert load(config, inputs=False).partition_args("synthetic", "d", "4", "0").endswith("--min-size 10")
     skewed = partition(LABELS, 16, 0, "dirichlet", 0.2, min_size=1)
     assert min(len(s) for s in skewed) < 32  # the first draw of this seed
     redrawn = partition(LABELS, 16, 0, "dirichlet", 0.2, min_size=32)

@@ -40,11 +40,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .client_update import ClientSettings, ClientUpdate, FedProx, LocalOptimizer
-from .engine import FlatParameters, Protocol, autocast, batches_on_device, client_batches, derive_seed, \
-    seed_dropout
+from .engine import BatchLoss, FlatParameters, Protocol, batch_loss, batches_on_device, client_batches, \
+    derive_seed, seed_dropout
 from .scaffold import Scaffold
 from .tokens import TokenTensors
 
@@ -83,11 +82,13 @@ def train_client(model: torch.nn.Module, flat: FlatParameters, data: TokenTensor
                  shard: np.ndarray, *, epochs: int, batch_size: int, lr: float, protocol: Protocol,
                  seed: int, round_: int, client: int, bf16: bool, optimizer: LocalOptimizer | None = None,
                  on_batch: Callable[[int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, int]:
+                 should_stop: Callable[[], bool] | None = None,
+                 loss_fn: BatchLoss | None = None) -> tuple[torch.Tensor, int]:
     """Train the model (whose flat weights the caller set) on one shard; return (loss sum, examples).
 
-    ``optimizer`` takes the steps (default: plain SGD at ``lr``). The loss sum stays on the device
-    (no host sync per step); callers read it once per client.
+    ``optimizer`` takes the steps (default: plain SGD at ``lr``); ``loss_fn`` computes a batch's
+    loss (default: :func:`~fedsweep.engine.batch_loss`, eager). Nothing in a step reads the device:
+    the loss sum stays there and callers read it once per client.
     """
     if not model.training:  # train() walks every module: once per eval, not once per client
         model.train()
@@ -95,14 +96,13 @@ def train_client(model: torch.nn.Module, flat: FlatParameters, data: TokenTensor
     # reproduces them exactly.
     seed_dropout(flat.data.device, derive_seed(seed, "dropout", round_, client))
     step = optimizer.step if optimizer is not None else (lambda: flat.sgd_step(lr))
+    loss_fn = loss_fn if loss_fn is not None else batch_loss(model, bf16)
     loss_sum = torch.zeros((), dtype=torch.float64, device=flat.data.device)
     seen = 0
     for epoch in range(epochs):
         batches = client_batches(shard, batch_size, protocol, seed, round_, client, epoch)
         for ids, mask, labels in batches_on_device(data, lengths_cpu, batches, protocol):
-            with autocast(flat.data.device, bf16):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = loss_fn(ids, mask, labels)
             loss.backward()
             step()
             loss_sum += loss.detach() * len(labels)

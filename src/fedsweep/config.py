@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import FedsweepError, dataspec, estimate, grid, modelspec
+from . import FedsweepError, dataspec, estimate, grid, modelspec, settings, shard_sizes
 from . import inputs as inputs_
 from .configfile import read_files
 from .modelspec import spec_slug
@@ -180,6 +180,10 @@ def check_settings_use(config: dict[str, Any]) -> None:
         except FedsweepError as exc:
             raise error(str(exc)) from None
     for cell in grid.cells(config):
+        try:
+            settings.check_train_rules(grid.cell_train(config, **cell), settings.field_name("train"))
+        except FedsweepError as exc:
+            raise error(str(exc)) from None
         warmup = grid.algorithm_settings(config, cell["algorithm"]).get("warmup_rounds", 0)
         rounds = config["datasets"][cell["dataset"]]["second_threshold"]
         if warmup and warmup >= rounds:
@@ -272,16 +276,18 @@ class Sweep:
 
     def partition_args(self, dataset: str, partition: str, clients: int, seed: int) -> str:
         """``fedsweep partition``'s options for one shard file. A Dirichlet split's sizes follow
-        the labels, so its job gets ``--min-size``, the smallest batch size of the cells that use
-        the file, and redraws until every shard holds a batch (the other schemes' sizes are
-        checked before any job: :func:`fedsweep.inputs.check_shards`)."""
+        the labels, so its job gets ``--min-size``: the fewest rows with which every cell that uses
+        the file keeps a full training batch (after its ``client_holdout``), and redraws until every
+        shard has them (the other schemes' sizes are checked before any job:
+        :func:`fedsweep.inputs.check_shards`)."""
         args = grid.partition_args(self.config, partition)
         if grid.partition_settings(self.config, partition).get("scheme") != "dirichlet":
             return args
-        batches = [self.cell_train(cell)["batch_size"] for cell in self.cells
-                   if (cell["dataset"], cell["partition"], cell["clients"], cell["seed"]) ==
-                   (dataset, partition, int(clients), int(seed))]
-        return f"{args} --min-size {min(batches, default=1)}"
+        trains = [self.cell_train(cell) for cell in self.cells
+                  if (cell["dataset"], cell["partition"], cell["clients"], cell["seed"]) ==
+                  (dataset, partition, int(clients), int(seed))]
+        needed = [shard_sizes.rows_for_a_batch(t["batch_size"], t.get("client_holdout", 0.0)) for t in trains]
+        return f"{args} --min-size {max(needed, default=1)}"
 
     def job_minutes(self, cell: dict[str, Any], target: int, attempt: int = 1) -> int:
         """SLURM -t of the cell's job that trains up to round ``target``: estimated or given,
@@ -364,8 +370,8 @@ def report_settings(config: dict[str, Any], cells: list[dict[str, Any]]) -> dict
     cells (so that the report can say which are missing)."""
     partitions = {}
     for name in grid.partitions(config):
-        settings = grid.partition_settings(config, name)
-        partitions[name] = {"kind": "per_client" if "per_client" in settings else "fixed_total", **settings}
+        chosen = grid.partition_settings(config, name)
+        partitions[name] = {"kind": "per_client" if "per_client" in chosen else "fixed_total", **chosen}
     return {
         "target_fraction": config["target_fraction"],
         "datasets": {name: {"budget": ds["budget"], "second_threshold": ds["second_threshold"]}

@@ -10,7 +10,8 @@
 
 The federated algorithm is built on these: the server strategies (FedAvg, FedAvgM, FedAdam,
 FedYogi, FedAdagrad) are in :mod:`fedsweep.strategies`, the client updates (local SGD or AdamW,
-FedProx, SCAFFOLD) in :mod:`fedsweep.clients` (:mod:`fedsweep.client_update`, :mod:`fedsweep.scaffold`), client batching in :mod:`fedsweep.grouped`, and one
+FedProx, SCAFFOLD) in :mod:`fedsweep.clients` (:mod:`fedsweep.client_update`,
+:mod:`fedsweep.scaffold`), client batching in :mod:`fedsweep.grouped`, and one
 round (sampling, training the clients, aggregating) in :mod:`fedsweep.rounds`. This module
 imports none of them.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,17 @@ class Protocol:
     dynamic_padding: bool  # pad each batch to its longest sequence, not to max_length
     reshuffle: bool  # new order of the shard each epoch (else one fixed random order)
     drop_last: bool  # drop the last partial batch of an epoch
+    # Dynamic padding's widths rounded up to a multiple of this (at most the tokens' width), so
+    # that a compiled step sees a few fixed shapes (the ``pad_multiple`` setting); 0: no rounding.
+    pad_multiple: int = 0
+
+    def width(self, longest: int, full: int) -> int:
+        """The padded width of a batch whose longest sequence is ``longest`` (``full``: the tokens' width)."""
+        if not self.dynamic_padding:
+            return full
+        if self.pad_multiple:
+            return min(-(-longest // self.pad_multiple) * self.pad_multiple, full)
+        return longest
 
 
 PROTOCOLS = {
@@ -173,7 +185,10 @@ def batches_on_device(data: TokenTensors, lengths_cpu: np.ndarray, batches: list
     """Yield (input_ids, attention_mask or None, labels) per batch, gathered on the device.
 
     The epoch's indices go to the device in one copy; per-batch widths come from the CPU copy
-    of the lengths, so no step waits on the device to learn a shape.
+    of the lengths, so no step waits on the device to learn a shape. The mask is None where the
+    protocol feeds none, and where no row of the batch is padded (known from the CPU lengths):
+    transformers would drop an all-ones mask anyway, after asking the device whether it is all
+    ones (a host sync every step).
     """
     if not batches:
         return
@@ -186,15 +201,70 @@ def batches_on_device(data: TokenTensors, lengths_cpu: np.ndarray, batches: list
     for b in batches:
         idx = flat[start:start + len(b)]
         start += len(b)
-        width = int(lengths_cpu[b].max()) if protocol.dynamic_padding else data.ids.shape[1]
+        rows = lengths_cpu[b]
+        width = protocol.width(int(rows.max()), data.ids.shape[1])
         ids = data.ids.index_select(0, idx)[:, :width]
         mask = None
-        if protocol.attention_mask:
+        if protocol.attention_mask and int(rows.min()) < width:
             mask = (torch.arange(width, device=device) < data.lengths.index_select(0, idx)[:, None]).long()
         yield ids, mask, data.labels.index_select(0, idx)
 
 
 _batches_on_device = batches_on_device  # the earlier name (benchmarks use it)
+
+
+def attention_input(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """What to pass a model as ``attention_mask`` for a padded batch's 2-D ``mask``.
+
+    For an encoder, the 4-D mask its attention takes, built as the model would build it, except
+    that transformers first asks whether the mask is all ones (``mask.all()``: a host sync every
+    step on a GPU) to drop it; :func:`batches_on_device` answers that on the CPU (an unpadded
+    batch has no mask). Decoders keep the 2-D mask (their causal mask is theirs to build).
+    """
+    if mask is None or _decoder_classifier(model):
+        return mask
+    from transformers.masking_utils import create_bidirectional_mask
+
+    dtype = model.get_input_embeddings().weight.dtype  # that of the embeddings the model passes
+    shape_only = torch.empty(mask.shape[0], mask.shape[1], 0, dtype=dtype, device=mask.device)
+    return create_bidirectional_mask(config=model.config, inputs_embeds=shape_only, attention_mask=mask,
+                                     allow_is_bidirectional_skip=False)
+
+
+def _decoder_classifier(model: torch.nn.Module) -> bool:
+    from .models import is_decoder_classifier
+
+    return is_decoder_classifier(model)
+
+
+BatchLoss = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+
+
+def batch_loss(model: torch.nn.Module, bf16: bool, compile: bool = False) -> BatchLoss:
+    """``loss(ids, mask, labels)``: the mean cross-entropy of a training batch (the forward and the
+    loss; its ``backward`` is compiled with it).
+
+    ``compile``: ``torch.compile`` it, once per batch shape (``pad_multiple`` keeps those few).
+    Dropout then draws from the same generator as eager (inductor's ``fallback_random``), so a
+    client's masks are still a function of (seed, round, client) and a resumed run repeats them.
+    """
+    device = next(model.parameters()).device
+
+    def loss(ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        with autocast(device, bf16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return F.cross_entropy(logits.float(), labels)
+
+    if not compile:
+        return lambda ids, mask, labels: loss(ids, attention_input(model, mask), labels)
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    # One graph per (width, batch rows, mask or none): with pad_multiple=32 and max_length 128 at
+    # most 4 x 2 x 2; the default limit (8) would fall back to eager without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(loss, dynamic=False)
 
 
 def eval_batches(lengths_cpu: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -230,7 +300,7 @@ def evaluate_classes(model: torch.nn.Module, data: TokenTensors, batches: list[n
     sums = None if num_classes is None else _zero_sums(num_classes, device)
     for ids, mask, labels in batches_on_device(data, lengths_cpu, batches, protocol):
         with autocast(device, bf16):
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids, attention_mask=attention_input(model, mask)).logits
         logits = logits.float()
         if sums is None:
             sums = _zero_sums(logits.shape[-1], device)
@@ -260,3 +330,30 @@ def evaluate(model: torch.nn.Module, data: TokenTensors, batches: list[np.ndarra
     Sums, not means, so that ranks evaluating disjoint batches can add their results."""
     sums = evaluate_classes(model, data, batches, lengths_cpu, protocol, bf16)
     return float(sums.correct_c.sum()), float(sums.loss_sum)
+
+
+@torch.inference_mode()
+def evaluate_holdout(model: torch.nn.Module, data: TokenTensors, lengths_cpu: np.ndarray, rows: np.ndarray,
+                     client: np.ndarray, batches: list[np.ndarray], num_clients: int, protocol: Protocol, bf16: bool
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-client (correct, summed cross-entropy, count), each (K,), of the model on held-out rows:
+    ``rows`` (training-row indices, the union of the clients' held-out rows) belong to clients
+    ``client``; ``batches`` are positions into ``rows``. ONE pass: each example's correctness and
+    loss (as :func:`evaluate_classes` computes them), then per-client segment sums
+    (:func:`fedsweep.client_eval.holdout_sums`)."""
+    from .client_eval import holdout_sums
+
+    model.eval()
+    device = data.ids.device
+    hits, losses = [], []
+    for ids, mask, labels in batches_on_device(data, lengths_cpu, [rows[b] for b in batches], protocol):
+        with autocast(device, bf16):
+            logits = model(input_ids=ids, attention_mask=attention_input(model, mask)).logits
+        logits = logits.float()
+        log_probs = F.log_softmax(logits, dim=-1)
+        losses.append(-log_probs.gather(1, labels[:, None]).squeeze(1).double())
+        hits.append(logits.argmax(-1) == labels)
+    if not hits:
+        return holdout_sums(np.empty(0, np.int64), np.empty(0), np.empty(0), num_clients)
+    owner = client[np.concatenate(batches)]
+    return holdout_sums(owner, torch.cat(hits).cpu().numpy(), torch.cat(losses).cpu().numpy(), num_clients)

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import FedsweepError, schemes
 from . import algorithm as algo
-from .settings import JOB_TRAIN, check as check_settings, field_name
+from .settings import ABSENT_AT_DEFAULT, JOB_TRAIN, check as check_settings, field_name
 
 # Keys of an algorithm or partition entry that choose cells rather than settings, and the cell
 # key each restricts (``partitions``: algorithm entries only, e.g. SCAFFOLD on the label-skewed
@@ -198,6 +198,9 @@ def cell_settings(config: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any
     values = {key: train[key] for key in JOB_TRAIN}
     values.update(algorithm_settings(config, cell["algorithm"]))
     values = check_settings({**JOB_TRAIN, **algo.SETTINGS}, values, field_name("train"))
+    for name in ABSENT_AT_DEFAULT:  # as before they existed: finished cells do not rerun
+        if values[name] == JOB_TRAIN[name].default:
+            del values[name]
     peft = config["models"][cell["model"]].get("peft")
     if peft and peft.get("method", "none") != "none":
         values["peft"] = peft

@@ -150,9 +150,10 @@ class ClientGroups:
         if mask is None:
             return None
         shape_only = torch.empty(mask.shape[0], mask.shape[1], 0, device=mask.device)  # batch, length, dtype
-        full = self._mask(config=self.model.config, inputs_embeds=shape_only, attention_mask=mask)
-        if full is None:  # no padding in any row: the model would use no mask either
-            return None
+        # An unpadded batch has no mask (batches_on_device); skipping transformers' own check
+        # keeps the step free of host syncs.
+        full = self._mask(config=self.model.config, inputs_embeds=shape_only, attention_mask=mask,
+                          allow_is_bidirectional_skip=False)
         return full.reshape(g, mask.shape[0] // g, *full.shape[1:])
 
     def train(self, weights: torch.Tensor, data: TokenTensors, lengths_cpu: np.ndarray,

@@ -1,5 +1,6 @@
 """The checks of a sweep's inputs that can be made before any job: each data set's spec, local
-files and row counts, shards smaller than a batch, local model folders, positions vs max_length,
+files and row counts, shards smaller than a batch (or than a batch and a held-out row, with
+``client_holdout``), local model folders, positions vs max_length,
 client batching on a decoder, LoRA without peft installed, and model names one letter off a
 known one. Called by :func:`fedsweep.config.load` on the head node; each raises one line
 ``config: ...`` naming the field and the value. Imports no torch, transformers or pandas.
@@ -12,7 +13,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from . import FedsweepError, dataspec, grid, modelspec
-from .shard_sizes import shard_sizes
+from .shard_sizes import holdout_problem, shard_sizes
 
 if TYPE_CHECKING:
     from .config import Sweep
@@ -71,6 +72,12 @@ def check_shards(sweep: Sweep) -> None:
         except FedsweepError as exc:
             raise error(f"{field_}: {str(exc).removeprefix('partition: ')} ({where})") from None
         if sizes is None or min(sizes) >= batch_size:
+            # A held-out slice (train.client_holdout) must leave every client a batch and hold out a row.
+            problem = None if sizes is None else holdout_problem(
+                sizes, sweep.cell_train(cell).get("client_holdout", 0), batch_size)
+            if problem:
+                raise error(f"{problem} (model {cell['model']}, {where}, partition {cell['partition']}, K={k}, "
+                            f"seed={cell['seed']}); lower client_holdout or clients")
             continue
         if scheme == "iid":
             raise error(f"clients={k} splits the {rows[0]} training rows of {where} into shards smaller than "

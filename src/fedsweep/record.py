@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from . import algorithm as algo
-from .client_eval import CLIENT_COLUMNS
+from .client_eval import CLIENT_COLUMNS, HOLDOUT_COLUMNS
 from .models import num_parameters
 from .partition import partition_record
 
@@ -46,6 +46,8 @@ METRIC_COLUMNS = [
     # the global model on each client's label distribution, summarised over clients (evaluated
     # rounds; NaN on the others): mean, std, worst client, 10th percentile, mean loss (client_eval)
     *CLIENT_COLUMNS,
+    # the same on each client's held-out rows (train setting client_holdout; NaN when it is 0)
+    *HOLDOUT_COLUMNS,
     # True from the round whose training loss exploded on (DIVERGENCE_FACTOR; run.json "diverged")
     "diverged",
 ]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .clients import ClientSettings, ClientUpdate, client_lr, train_client
-from .engine import FlatParameters, Protocol, derive_seed
+from .engine import BatchLoss, FlatParameters, Protocol, batch_loss, derive_seed
 from .strategies import ServerStats, Strategy
 from .tokens import TokenTensors
 
@@ -112,16 +112,18 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
                 epochs: int, batch_size: int, lr: float, protocol: Protocol, seed: int, round_: int,
                 bf16: bool, groups: "ClientGroups | None" = None, client_update: ClientUpdate | None = None,
                 on_batch: Callable[[int], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> RoundStats:
+                should_stop: Callable[[], bool] | None = None, loss_fn: BatchLoss | None = None) -> RoundStats:
     """Train ``clients`` (indices into ``shards``) from the global weights and add them to ``strategy``.
 
     ``client_update`` (default: plain SGD at ``lr``, begun for this round here) makes each client's
-    optimiser; the caller has called its ``begin_round`` with this round's lr. ``groups`` trains
+    optimiser; the caller has called its ``begin_round`` with this round's lr. ``loss_fn``: a batch's
+    loss (:func:`~fedsweep.engine.batch_loss`, eager or compiled; built here if None). ``groups`` trains
     clients with equal shard sizes several at a time (see :mod:`fedsweep.grouped`); without it,
     one after another on the one model.
     """
     device = flat.data.device
     stats = RoundStats()
+    loss_fn = loss_fn if loss_fn is not None else batch_loss(model, bf16)
     if client_update is None:
         client_update = ClientUpdate(ClientSettings(), strategy.weights)
         client_update.begin_round(round_, lr, clients, [len(s) for s in shards])
@@ -141,7 +143,7 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
             loss_sum, seen = train_client(
                 model, flat, data, lengths_cpu, shards[client], epochs=epochs, batch_size=batch_size,
                 lr=client_update.lr, protocol=protocol, seed=seed, round_=round_, client=client, bf16=bf16,
-                optimizer=local, on_batch=on_batch, should_stop=should_stop)
+                optimizer=local, on_batch=on_batch, should_stop=should_stop, loss_fn=loss_fn)
             losses, trained = [float(loss_sum)], [(client, flat.data, seen)]  # one host sync per client
         else:
             g = len(members)
@@ -175,7 +177,7 @@ class Federation:
                  data: TokenTensors, lengths_cpu: np.ndarray, shards: Sequence[np.ndarray], *, epochs: int,
                  batch_size: int, protocol: Protocol, seed: int, lr: float, lr_schedule: str = "constant",
                  warmup_rounds: int = 0, rounds: int = 1, per_round: int | None = None, bf16: bool = False,
-                 groups: "ClientGroups | None" = None, rank: int = 0, world: int = 1):
+                 groups: "ClientGroups | None" = None, rank: int = 0, world: int = 1, compile: bool = False):
         self.model, self.flat, self.strategy, self.client_update = model, flat, strategy, client_update
         self.data, self.lengths_cpu, self.shards = data, lengths_cpu, shards
         self.sizes = [len(s) for s in shards]
@@ -183,6 +185,7 @@ class Federation:
         self.lr, self.lr_schedule, self.warmup_rounds, self.rounds = lr, lr_schedule, warmup_rounds, rounds
         self.per_round = per_round or len(shards)
         self.groups, self.rank, self.world = groups, rank, world
+        self.loss_fn = batch_loss(model, bf16, compile)  # one compiled step for every client and round
 
     def round_clients(self, round_: int) -> list[int]:
         """Every client of round ``round_`` (all ranks)."""
@@ -204,7 +207,8 @@ class Federation:
         stats = train_round(self.model, self.flat, self.strategy, self.data, self.lengths_cpu, self.shards,
                             chosen[self.rank::self.world], epochs=self.epochs, batch_size=self.batch_size, lr=lr,
                             protocol=self.protocol, seed=self.seed, round_=round_, bf16=self.bf16, groups=self.groups,
-                            client_update=self.client_update, on_batch=on_batch, should_stop=should_stop)
+                            client_update=self.client_update, on_batch=on_batch, should_stop=should_stop,
+                            loss_fn=self.loss_fn)
         stats.sampled, stats.lr = len(chosen), lr
         return stats
 

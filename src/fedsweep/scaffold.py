@@ -1,8 +1,9 @@
 """SCAFFOLD (Karimireddy et al. 2020): the client update that keeps control variates.
 
 :class:`Scaffold` keeps the server control variate ``c`` (one model-sized fp32 vector on the
-device) and one control variate ``c_i`` per client, on disk (:class:`ControlVariateStore`),
-updated with the paper's option II. Its local optimiser
+device) and one control variate ``c_i`` per client, on disk (:class:`ControlVariateStore`; the
+latest ones also in host memory up to ``DEFAULT_MEMORY_MIB``, files written by a background
+thread), updated with the paper's option II. Its local optimiser
 (:class:`fedsweep.client_update.LocalOptimizer`) adds ``c - c_i`` to every step's gradient. A run
 gets it by name from ``CLIENT_UPDATES`` (:mod:`fedsweep.clients`).
 """
@@ -10,108 +11,23 @@ gets it by name from ``CLIENT_UPDATES`` (:mod:`fedsweep.clients`).
 from __future__ import annotations
 
 import os
-import re
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from . import FedsweepError
 from .client_update import ClientSettings, ClientUpdate, LocalOptimizer
-from .io import atomic_path
+from .scaffold_store import DEFAULT_MEMORY_MIB, ControlVariateStore, _single_thread_pool
 
 
-class ControlVariateStore:
-    """SCAFFOLD's per-client control variates ``c_i``: one fp32 file per client that has been
-    trained, ``c{client}.r{round}.f32`` in ``folder`` (the run folder's ``scaffold/``), never in
-    device memory.
-
-    Crash safety without copying: a round writes NEW files (named by the round) atomically, and
-    which file is current for each client is ``versions[client]`` (the round it was last trained
-    in; 0 = never, ``c_i = 0``), a small int64 array saved in the checkpoint. A run killed
-    mid-round leaves files of an unfinished round, which the checkpoint does not name: they are
-    deleted when the run resumes. A client's superseded file is deleted after the next
-    checkpoint is saved. Disk: 4 x parameters bytes per client trained so far (plus, between a
-    round and its checkpoint, the previous files of that round's clients). Host memory: one
-    model-sized staging buffer (pinned on CUDA).
-    """
-
-    NAME = re.compile(r"^c(\d+)\.r(\d+)\.f32$")
-
-    def __init__(self, folder: str | os.PathLike, num_clients: int, size: int, device: torch.device,
-                 writer: bool = True):
-        self.folder = Path(folder)
-        self.size = size
-        self.device = device
-        self.writer = writer  # the rank that deletes files (every rank writes its own clients')
-        self.versions = np.zeros(num_clients, dtype=np.int64)
-        self.host = torch.empty(size, dtype=torch.float32, pin_memory=device.type == "cuda")
-        self.superseded: list[tuple[int, int]] = []  # (client, round) files to delete after the next save
-
-    def path(self, client: int, round_: int) -> Path:
-        return self.folder / f"c{client}.r{round_}.f32"
-
-    def read(self, client: int, out: torch.Tensor, version: int | None = None) -> None:
-        """``c_i`` of ``client`` into ``out`` (a device vector): the current one, or that of round ``version``."""
-        version = int(self.versions[client]) if version is None else version
-        if version == 0:
-            out.zero_()
-            return
-        path = self.path(client, version)
-        with open(path, "rb") as f:
-            read = f.readinto(memoryview(self.host.numpy()).cast("B"))
-        if read != self.size * 4:
-            raise RuntimeError(f"{path}: {read} bytes, expected {self.size * 4}")
-        out.copy_(self.host, non_blocking=False)
-
-    def write(self, client: int, round_: int, value: torch.Tensor) -> None:
-        """The new ``c_i`` of ``client`` after round ``round_`` (current once the round commits)."""
-        self.host.copy_(value)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(client, round_)) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(memoryview(self.host.numpy()).cast("B"))
-
-    def commit_round(self, clients: Sequence[int], round_: int) -> None:
-        """Every client in ``clients`` (all ranks) has its file for ``round_``: make them current."""
-        for client in clients:
-            old = int(self.versions[client])
-            if old not in (0, round_):
-                self.superseded.append((client, old))
-            self.versions[client] = round_
-
-    def delete_superseded(self) -> None:
-        """After a checkpoint naming the current versions was saved: the old files are not needed."""
-        if self.writer:
-            for client, round_ in self.superseded:
-                self.path(client, round_).unlink(missing_ok=True)
-        self.superseded.clear()
-
-    def reconcile(self) -> list[Path]:
-        """At the start of a run: delete every file the versions do not name (a killed round's,
-        superseded ones, a stale run's) and temporary files of interrupted writes."""
-        removed: list[Path] = []
-        if not self.writer or not self.folder.is_dir():
-            return removed
-        for entry in self.folder.iterdir():
-            m = self.NAME.match(entry.name)
-            if m is not None:
-                client, round_ = int(m.group(1)), int(m.group(2))
-                if client < len(self.versions) and self.versions[client] == round_:
-                    continue
-            elif not entry.name.endswith(".tmp"):
-                continue  # not ours
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-        return removed
-
-    def missing(self) -> list[Path]:
-        """Files the versions name that are not there (a folder deleted by hand, a run moved without it)."""
-        return [self.path(k, int(v)) for k, v in enumerate(self.versions) if v > 0 and not self.path(k, int(v)).exists()]
-
-    def disk_bytes(self) -> int:
-        return int((self.versions > 0).sum()) * self.size * 4
+def _free_core() -> bool:
+    """Whether this process may use more cores than torch's intra-op threads (its CPU affinity:
+    a SLURM job's allocation, not the node's cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 class Scaffold(ClientUpdate):
@@ -145,12 +61,23 @@ class Scaffold(ClientUpdate):
     scratch vectors and one fp64 accumulator: 6 x 4 bytes x parameters, flat in K. Per client and
     round: one file read and one written (several ranks: 2 more reads per client of the round,
     on every rank, after it; page cache: the files were just written).
+
+    One process on the CPU with a core its training threads leave free (``background``, the
+    default; :func:`_free_core`) moves the per-client work off the training thread, onto one background thread that runs the same torch ops in the same order
+    (clients in the order they finish, one at a time): while a client trains, it reads the next
+    client's ``c_i`` (from the store's memory or its file) and computes its ``c - c_i``; after a
+    client, the training thread only computes ``x - y_i`` (``y_i`` is overwritten by the next
+    client) and the background thread computes ``c_i+``, hands it to the store (whose own thread
+    writes the file) and adds it to the fp64 sum. :meth:`finish_round` waits for it, and
+    :meth:`state_dict` for the files: the numbers, and the files a checkpoint names, are those of
+    the sequential code. Memory: 3-4 more model-sized fp32 vectors (host) than above, plus the
+    store's ``memory_mib``.
     """
 
     name = "scaffold"
 
     def __init__(self, settings: ClientSettings, global_weights: torch.Tensor, store: ControlVariateStore,
-                 world: int = 1):
+                 world: int = 1, background: bool = True):
         super().__init__(settings, global_weights)
         self.store = store
         self.world = world  # processes sharing the clients of a round
@@ -167,13 +94,24 @@ class Scaffold(ClientUpdate):
         self.total = 0  # the sum of every client's average_weight: c's update divides by it
         self.clients: list[int] = []
         self.uniform = settings.scaffold_weighting == "uniform"
+        # the pipeline (one process on the CPU, with a core its training threads leave free): a
+        # background thread for the per-client work. Without a free core it would compete with
+        # the training threads for theirs (measured: slower than inline on a loaded machine).
+        self.pipelined = background and world == 1 and device.type == "cpu" and _free_core()
+        self._worker = _single_thread_pool("fedsweep-scaffold") if self.pipelined else None
+        self._jobs: deque[Future] = deque()
+        self._spare: list[torch.Tensor] = []  # free model-sized fp32 vectors
+        self._next: tuple[int, torch.Tensor, Future] | None = None  # (client, its c - c_i buffer, c_i's future)
+        self._training: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # client -> (c - c_i, c_i)
 
     @classmethod
     def build(cls, settings: ClientSettings, global_weights: torch.Tensor, *, out_dir: Path, num_clients: int,
               device: torch.device, world: int, writer: bool) -> "Scaffold":
-        """With its control variates in ``out_dir/scaffold``, beside the checkpoint that names their versions."""
+        """With its control variates in ``out_dir/scaffold``, beside the checkpoint that names their versions.
+        Several ranks write synchronously: every rank reads the round's files after it."""
+        memory_mib = getattr(settings, "scaffold_memory_mib", DEFAULT_MEMORY_MIB)
         store = ControlVariateStore(Path(out_dir) / "scaffold", num_clients, global_weights.numel(), device,
-                                    writer=writer)
+                                    writer=writer, memory_mib=memory_mib, background=world == 1)
         return cls(settings, global_weights, store, world=world)
 
     def prepare(self, checkpoint: Path, log: Callable[[str], None]) -> None:
@@ -191,15 +129,72 @@ class Scaffold(ClientUpdate):
     def summary(self) -> dict[str, Any]:
         store = self.store
         return {"control_variates": {"folder": str(store.folder), "clients_stored": int((store.versions > 0).sum()),
-                                     "bytes": store.disk_bytes()}}
+                                     "bytes": store.disk_bytes(), "memory_budget_bytes": store.budget}}
 
     def begin_round(self, round_: int, lr: float, clients: Sequence[int], sizes: Sequence[int]) -> None:
+        self._drain()
         super().begin_round(round_, lr, clients, sizes)
         self.clients = sorted(clients)
         self.sizes = list(sizes)
         self.total = sum(self.average_weight(n) for n in sizes)
         self.accum.copy_(self.c)
         self.old_client = -1
+        if self.pipelined and self.clients:
+            self._prefetch(self.clients[0])
+
+    # --- the pipeline (one process on the CPU) ---------------------------------------------------
+
+    def _vector(self) -> torch.Tensor:
+        return self._spare.pop() if self._spare else torch.empty_like(self.c)
+
+    def _prefetch(self, client: int) -> None:
+        """On the background thread: ``c_i`` of ``client`` and ``c - c_i`` into a free vector."""
+        out = self._vector()
+
+        def job() -> torch.Tensor | None:
+            old = self.store.get(client)
+            if old is None:  # c - 0 = c, to the bit
+                out.copy_(self.c)
+            else:
+                torch.sub(self.c, old, out=out)
+            return old
+
+        self._next = (client, out, self._worker.submit(job))
+
+    def _take(self, client: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(``c - c_i``, ``c_i``) of ``client``: prefetched, or computed here."""
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            if nxt[0] == client:
+                return nxt[1], nxt[2].result()
+            nxt[2].result()  # a wrong guess (client groups): its vector is free again
+            self._spare.append(nxt[1])
+        out = self._vector()
+        old = self.store.get(client)
+        if old is None:
+            out.copy_(self.c)
+        else:
+            torch.sub(self.c, old, out=out)
+        return out, old
+
+    def _drain(self) -> None:
+        """Wait for the background work (and raise its errors)."""
+        if self._next is not None:
+            client, out, future = self._next
+            self._next = None
+            future.result()
+            self._spare.append(out)
+        while self._jobs:
+            self._jobs.popleft().result()
+
+    def _finish_client(self, client: int, q: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None,
+                       steps_lr: float, owned: bool) -> None:
+        """On the background thread: ``c_i+`` into ``new`` (holding ``c - c_i``), to the store and the sum."""
+        q.div_(steps_lr)
+        torch.sub(q, new, out=new)  # c_i+ = q - (c - c_i), rounded to fp32 as it is stored
+        self.store.put(client, self.round, new, owned=owned)
+        self._add(client, new, old)
+        self._spare.append(q)
 
     def average_weight(self, num_examples: int) -> int:
         return 1 if self.uniform else num_examples
@@ -207,6 +202,15 @@ class Scaffold(ClientUpdate):
     @torch.no_grad()
     def optimizer(self, params, weights, views, clients):
         g = len(clients)
+        if self.pipelined and g == 1 and weights.dim() == 1:
+            client = clients[0]
+            correction, old = self._take(client)
+            self._training[client] = (correction, old)
+            later = [k for k in self.clients if k > client]
+            if later:
+                self._prefetch(later[0])
+            return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings, correction=correction)
+        self._drain()  # a group's buffer is reused: the background thread must be done with it
         if g not in self._corrections:
             self._corrections[g] = torch.empty(g, self.c.numel(), device=self.c.device) if weights.dim() == 2 \
                 else torch.empty_like(self.c)
@@ -222,6 +226,20 @@ class Scaffold(ClientUpdate):
 
     @torch.no_grad()
     def after_client(self, local, row, client, weights, num_examples):
+        if self.pipelined:
+            q = self._vector()
+            # q = x - y_i now (the next client overwrites y_i), / (steps lr) on the background thread
+            torch.sub(self.global_weights, weights, out=q)
+            if client in self._training:
+                new, old = self._training.pop(client)
+                owned = True
+            else:  # a row of a group: c_i again (the version before this round)
+                new, old, owned = local.correction[row], self.store.get(client), False
+            while len(self._jobs) >= 2:  # bounded: the training thread is rarely this far ahead
+                self._jobs.popleft().result()
+            self._jobs.append(self._worker.submit(self._finish_client, client, q, new, old,
+                                                  local.steps * self.lr, owned))
+            return
         new = local.correction if local.correction.dim() == 1 else local.correction[row]
         q = self.q
         # q = (x - y_i) / (steps lr): the client's mean corrected gradient
@@ -235,17 +253,20 @@ class Scaffold(ClientUpdate):
             self._add(client, new, self.old)
             self.old_client = -1
 
-    def _add(self, client: int, new: torch.Tensor, old: torch.Tensor) -> None:
-        """accum += w_i (c_i+ - c_i), chunk by chunk in float64."""
+    def _add(self, client: int, new: torch.Tensor, old: torch.Tensor | None) -> None:
+        """accum += w_i (c_i+ - c_i), chunk by chunk in float64 (``old`` None: c_i = 0; x - 0 = x)."""
         alpha = self.average_weight(self.sizes[client]) / self.total
         for start in range(0, self.c.numel(), self.chunk):
             stop = min(start + self.chunk, self.c.numel())
-            cast = self._cast[:stop - start]
-            self.accum[start:stop].add_(cast.copy_(new[start:stop]).sub_(old[start:stop]), alpha=alpha)
+            cast = self._cast[:stop - start].copy_(new[start:stop])
+            if old is not None:
+                cast.sub_(old[start:stop])
+            self.accum[start:stop].add_(cast, alpha=alpha)
 
     @torch.no_grad()
     def finish_round(self) -> dict[str, float]:
         """``c <- c + sum_i w_i (c_i+ - c_i)`` over the round's clients, in client order."""
+        self._drain()
         if self.world > 1:
             self.accum.copy_(self.c)
             for client in self.clients:  # ascending: the order of one process
@@ -257,6 +278,8 @@ class Scaffold(ClientUpdate):
         return {"control_variate_norm": float(torch.linalg.vector_norm(self.c))}
 
     def state_dict(self) -> dict:
+        self._drain()
+        self.store.flush()  # the files this state names are on disk before it is saved
         return {"c": self.c, "versions": torch.from_numpy(self.store.versions.copy())}
 
     def load_state_dict(self, state: dict) -> None:
@@ -264,6 +287,8 @@ class Scaffold(ClientUpdate):
         if set(state) != {"c", "versions"} or state["c"].shape != self.c.shape \
                 or state["versions"].shape != self.store.versions.shape:
             raise ValueError("SCAFFOLD state does not match this model and number of clients")
+        self._drain()
+        self.store.forget()
         self.c.copy_(state["c"])
         self.store.versions[:] = state["versions"].numpy()
 
@@ -272,6 +297,12 @@ class Scaffold(ClientUpdate):
             self.store.delete_superseded()
 
     def close(self, keep: bool) -> None:
+        self._drain()
+        self.store.close()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+            self.pipelined = False
         if not keep and self.store.writer and self.store.folder.is_dir():
             for entry in self.store.folder.iterdir():
                 if self.store.NAME.match(entry.name) or entry.name.endswith(".tmp"):

@@ -215,9 +215,29 @@ TRAIN = table([
     Setting("checkpoint_every", 1, "integer", "save checkpoint.pt every this many rounds", low=1),
     Setting("client_group", 1, "integer", "clients trained at once as one vmapped model (GPU); 1 = one after "
             "another", low=1),
+    Setting("pad_multiple", 0, "integer", "pad each batch to a multiple of this many tokens (at most the tokens' "
+            "width), so that a compiled step sees a few fixed shapes; 0 = to the batch's longest sequence", low=0),
+    Setting("compile", False, "boolean", "torch.compile the clients' training step (forward, loss, backward); "
+            "the same numbers to float rounding, compiled once per process and batch shape"),
+    Setting("client_holdout", 0.0, "number", "fraction of each client's shard held out of training (a seeded "
+            "slice, at least one row) on which the global model is evaluated per client; 0 = off", low=0, high=0.5,
+            high_open=True),
 ])
 # The settings a training job receives (max_length is the tokens').
 JOB_TRAIN = {name: s for name, s in TRAIN.items() if name != "max_length"}
+# Settings added after cells had been run: at their default they are left out of a cell's
+# settings (the workflow's param: finished cells do not rerun) and, with client_group, of the
+# checkpoint's hash (their checkpoints resume). A setting added later joins this list.
+ABSENT_AT_DEFAULT = ("pad_multiple", "compile", "client_holdout")
+HASH_ABSENT_AT_DEFAULT = ("client_group", *ABSENT_AT_DEFAULT)
+
+
+def check_train_rules(values: dict[str, Any], where: Callable[[str], str]) -> None:
+    """Training settings that exclude each other (each value already checked on its own): one line
+    naming the fields; ``where(name)`` names a field (``train: compile``, ``train.compile``)."""
+    if values.get("compile") and values.get("client_group", 1) > 1:
+        raise FedsweepError(f"{where('compile')}=true with {where('client_group')}={values['client_group']}: the "
+                            f"compiled step trains one client at a time (set one of them back)")
 
 # What a `fedsweep train` run is given besides the cell's settings: its inputs, outputs and labels.
 RUN = table([

@@ -92,3 +92,35 @@ def shard_sizes(settings: dict[str, Any], num_rows: int, clients: int, seed: int
                                       min_rows=settings.get("min_rows", 1))
         return [int(s) for s in sizes]
     return None
+
+
+def holdout_rows(size: int, fraction: float) -> int:
+    """How many of a shard's ``size`` rows ``client_holdout=fraction`` holds out of training:
+    round(fraction x size) (halves up), at least one, at most the shard; 0 when off (fraction 0)."""
+    if not fraction > 0:
+        return 0
+    return min(int(size), max(1, int(np.floor(fraction * size + 0.5))))
+
+
+def rows_for_a_batch(batch_size: int, fraction: float) -> int:
+    """The fewest rows a shard needs to keep a full training batch after ``client_holdout=fraction``
+    (a Dirichlet partition job's ``--min-size``)."""
+    size = int(batch_size)
+    while size - holdout_rows(size, fraction) < batch_size:  # ends: fraction < 0.5 holds out < half
+        size += 1
+    return size
+
+
+def holdout_problem(sizes: list[int] | tuple[int, ...], fraction: float, batch_size: int) -> str | None:
+    """Why ``client_holdout=fraction`` does not fit shards of ``sizes`` (None: it does): a client
+    left without a full training batch or without a held-out row. The first such client, in words."""
+    if not fraction > 0:
+        return None
+    for client, size in enumerate(sizes):
+        held = holdout_rows(size, fraction)
+        if held < 1:
+            return f"client_holdout={fraction:g} holds out no row of client {client}'s {size}"
+        if size - held < batch_size:
+            return (f"client_holdout={fraction:g} leaves client {client} with {size - held} of its {size} rows to "
+                    f"train on, no full batch of batch_size={batch_size}")
+    return None

@@ -148,10 +148,14 @@ class Strategy:
                     self.layers.add_client(index, u, alpha)
             client_weights.sub_(self.weights)
         norm = math.sqrt(squares)
-        # ||u_k|| is known only now: a second pass, fp32 only (no temporaries), then the reload
-        if norm > 0:
-            self.direction.add_(client_weights, alpha=alpha / norm)
-        client_weights.copy_(self.weights)
+        # ||u_k|| is known only now: a second pass, fp32 only (no temporaries), with the reload of
+        # the global weights chunk by chunk (each chunk of u_k is read once, while in cache)
+        scale = alpha / norm if norm > 0 else 0.0
+        for start, stop in self._spans():
+            u = client_weights[start:stop]
+            if scale:
+                self.direction[start:stop].add_(u, alpha=scale)
+            u.copy_(self.weights[start:stop])
         return norm
 
     def _accumulate_chunks(self, client_weights: torch.Tensor, alpha: float) -> float:

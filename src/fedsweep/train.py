@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -56,7 +57,7 @@ from . import record
 from . import stop as stop_signal
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAMES, RunCheckpoint
 from .clients import build_client_update
-from .engine import PROTOCOLS, FlatParameters, eval_batches, evaluate_classes
+from .engine import PROTOCOLS, FlatParameters, derive_seed, eval_batches, evaluate_classes, evaluate_holdout
 from .grouped import ClientGroups
 from .grouped import check_support as check_grouping_support
 from .io import remove_stale_temps, write_json, write_parquet
@@ -65,6 +66,8 @@ from .partition import hashed_info, read_shards
 from .record import METRIC_COLUMNS
 from .rounds import Federation, clients_per_round
 from .runtime import Progress, Ranks, pick_device
+from .settings import HASH_ABSENT_AT_DEFAULT, JOB_TRAIN
+from .shard_sizes import holdout_problem
 from .strategies import build_strategy
 from .tokens import load_split, read_tokens_meta
 from .trainconfig import TrainConfig
@@ -167,8 +170,9 @@ def _hashed_config(cfg: TrainConfig, inputs: _Inputs) -> dict[str, Any]:
                   # the spec names the model; this says which weights (a local folder can be edited)
                   model_fingerprint=model_fingerprint(cfg.model))
     hashed["tokens_dir"] = hashed["shards"] = None  # paths may move; the contents are hashed
-    if hashed["client_group"] == 1:  # the default, absent from earlier versions: their checkpoints resume
-        del hashed["client_group"]
+    for name in HASH_ABSENT_AT_DEFAULT:  # absent from earlier versions: their checkpoints resume
+        if hashed[name] == JOB_TRAIN[name].default:
+            del hashed[name]
     for name, default in algo.DEFAULTS.items():  # FedAvg's defaults: absent from earlier versions too
         if hashed[name] == default:
             del hashed[name]
@@ -196,10 +200,28 @@ class _Cell:
         self.cfg, self.inputs, self.ranks, self.out = cfg, inputs, ranks, out
         self.label = _label(cfg, inputs)
         self.device = ranks.device
-        self.protocol = PROTOCOLS[cfg.protocol]
+        self.protocol = dataclasses.replace(PROTOCOLS[cfg.protocol], pad_multiple=cfg.pad_multiple)
         self.num_clients = inputs.num_clients
+        self.holdout = self._split_holdout()
         self.per_round = clients_per_round(self.num_clients, cfg.clients_per_round, cfg.client_fraction)
         self.built = False  # model, strategy and client update exist: there are weights to save
+
+    def _split_holdout(self) -> list[np.ndarray] | None:
+        """With ``client_holdout`` > 0, each client's held-out rows (None: off). From then on
+        ``self.inputs.shards`` holds the training parts only: what the clients train on, the
+        average's weights n_k, the progress counts and the label distributions all read them.
+        Checked first (one line, before any compute): every client keeps a batch and holds out a row."""
+        cfg, shards = self.cfg, self.inputs.shards
+        if not cfg.client_holdout > 0:
+            return None
+        problem = holdout_problem(shards.sizes, cfg.client_holdout, cfg.batch_size)
+        if problem:
+            raise FedsweepError(f"train: {problem}")
+        parts = [client_eval.split_holdout(shard, cfg.client_holdout, derive_seed(cfg.seed, "holdout", k))
+                 for k, shard in enumerate(shards.indices)]
+        self.inputs = dataclasses.replace(
+            self.inputs, shards=dataclasses.replace(shards, indices=[kept for kept, _ in parts]))
+        return [held for _, held in parts]
 
     def say(self, message: str) -> None:
         """``[label] message`` on stderr, from rank 0 only (one line per event, whatever the world size)."""
@@ -270,7 +292,8 @@ class _Cell:
 
     def load_data(self) -> None:
         cfg, tmeta = self.cfg, self.inputs.tmeta
-        width = tmeta["max_length"] if not self.protocol.dynamic_padding else None
+        # Full width where batches are padded past their longest sequence (buckets reach max_length).
+        width = tmeta["max_length"] if not self.protocol.dynamic_padding or cfg.pad_multiple else None
         train = load_split(cfg.tokens_dir, "train", width=width)
         test = load_split(cfg.tokens_dir, "test", width=width)
         self.train_len, self.test_len = train.lengths.numpy(), test.lengths.numpy()
@@ -279,6 +302,10 @@ class _Cell:
                                                              self.inputs.num_labels)
         self.train, self.test = train.to(self.device), test.to(self.device)
         self.test_batches = eval_batches(self.test_len, cfg.eval_batch_size)
+        if self.holdout is not None:  # the union of the held-out rows, its clients, and its batches
+            self.holdout_rows = np.concatenate(self.holdout)
+            self.holdout_client = np.repeat(np.arange(self.num_clients), [len(h) for h in self.holdout])
+            self.holdout_batches = eval_batches(self.train_len[self.holdout_rows], cfg.eval_batch_size)
 
     def federation(self, bf16: bool) -> None:
         cfg = self.cfg
@@ -286,7 +313,8 @@ class _Cell:
             self.model, self.flat, self.strategy, self.client_update, self.train, self.train_len,
             self.inputs.shards.indices, epochs=cfg.epochs, batch_size=cfg.batch_size, protocol=self.protocol,
             seed=cfg.seed, lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_rounds=cfg.warmup_rounds, rounds=cfg.rounds,
-            per_round=self.per_round, bf16=bf16, groups=self.groups, rank=self.ranks.rank, world=self.ranks.world)
+            per_round=self.per_round, bf16=bf16, groups=self.groups, rank=self.ranks.rank, world=self.ranks.world,
+            compile=cfg.compile)
 
     def evaluate_global(self, bf16: bool) -> tuple[float, float, float, dict[str, float]]:
         """(test accuracy, test loss, seconds, the per-client columns): one pass over the test set."""
@@ -303,8 +331,26 @@ class _Cell:
             ranks.all_reduce_sum(losses)
         (correct_c, count_c), losses = counts.cpu().numpy(), losses.cpu().numpy()
         clients = client_eval.summary(*client_eval.per_client(self.client_labels, correct_c, losses[:-1], count_c))
+        if self.holdout is not None:
+            clients.update(self._evaluate_holdout(bf16))
         n = len(self.test)
         return float(correct_c.sum()) / n, float(losses[-1]) / n, time.perf_counter() - t0, clients
+
+    def _evaluate_holdout(self, bf16: bool) -> dict[str, float]:
+        """The :data:`fedsweep.client_eval.HOLDOUT_COLUMNS`: one pass over the union of the clients'
+        held-out rows (ranks split its batches), summed per client."""
+        ranks, k = self.ranks, self.num_clients
+        correct_k, loss_k, count_k = evaluate_holdout(
+            self.model, self.train, self.train_len, self.holdout_rows, self.holdout_client,
+            self.holdout_batches[ranks.rank::ranks.world], k, self.protocol, bf16)
+        if ranks.world > 1:
+            counts = torch.from_numpy(np.concatenate([correct_k, count_k])).to(self.device)
+            losses = torch.from_numpy(loss_k).to(self.device)
+            ranks.all_reduce_sum(counts)
+            ranks.all_reduce_sum(losses)
+            (correct_k, count_k), loss_k = counts.cpu().numpy().reshape(2, k), losses.cpu().numpy()
+        return client_eval.summary(*client_eval.holdout_per_client(correct_k, loss_k, count_k),
+                                   columns=client_eval.HOLDOUT_COLUMNS)
 
     def train_one_round(self, round_: int, progress: Progress) -> dict[str, Any]:
         """Train, all-reduce and aggregate round ``round_``; return its metrics row (not yet evaluated)."""

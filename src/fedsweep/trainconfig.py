@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from . import FedsweepError, adapters, algorithm
-from .settings import JOB_TRAIN, RUN, RUN_REQUIRED, SLUG, SLUG_FIELDS, check, field_name
+from .settings import JOB_TRAIN, RUN, RUN_REQUIRED, SLUG, SLUG_FIELDS, check, check_train_rules, field_name
 
 # Every declared setting of a run, peft aside (a mapping, checked by fedsweep.adapters).
 DECLARED = {**RUN, **JOB_TRAIN, **algorithm.SETTINGS}
@@ -42,6 +42,7 @@ class _Methods:
                                     f"'+', '-' (not first), at most 64")
         for name, value in coerced.items():
             setattr(self, name, value)
+        check_train_rules(coerced, where)
         algorithm.check_rules(self, where)
         adapters.parse(self.peft, "train: peft")
 

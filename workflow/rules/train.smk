@@ -72,6 +72,7 @@ rule train:
     output:
         metrics=f"{RESULTS}/runs/{CELL_PATH}/metrics.parquet",
         summary=f"{RESULTS}/runs/{CELL_PATH}/run.json",
+        layers=f"{RESULTS}/runs/{CELL_PATH}/layers.parquet",
     log:
         f"{RESULTS}/logs/train/{CELL_PATH}.log",
     benchmark:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .. import FedsweepError
-from ..client_eval import CLIENT_COLUMNS  # per-client accuracy summaries; null before them
+from ..client_eval import CLIENT_COLUMNS, HOLDOUT_COLUMNS  # per-client accuracy summaries; null before them
 
 REQUIRED_COLUMNS = ("dataset", "model", "clients", "seed", "protocol", "round", "test_accuracy", "chance_accuracy")
 # Per-round drift measures (train.METRIC_COLUMNS); NaN where a file predates them.
@@ -34,7 +34,8 @@ DEFAULT_TARGET_FRACTION = 0.9
 _COLUMN_TYPES = {
     **{c: pa.string() for c in ("dataset", "model", "protocol", "algorithm", "partition")},
     **{c: pa.float64() for c in ("clients", "seed", "round", "test_accuracy", "chance_accuracy", "test_rows",
-                                 *DRIFT_COLUMNS, *BYTES_COLUMNS, *CLIENT_COLUMNS)},
+                                 *DRIFT_COLUMNS, *BYTES_COLUMNS, *CLIENT_COLUMNS,
+                                 *HOLDOUT_COLUMNS)},
     "diverged": pa.bool_(),  # from the round whose training loss exploded on (absent: never)
 }
 
