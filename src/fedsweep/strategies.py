@@ -203,13 +203,15 @@ class Strategy:
         own flat weights, which the next client reloads anyway): no allocation of model size.
         """
         self._all_reduce()
-        average_sq = direction_dot = 0.0
-        for start, stop in self._spans():
+        average_sq = direction_dot = update_sq = 0.0
+        for start, stop in self._spans():  # one pass, chunk by chunk (each chunk read while in cache)
             square, dot = self._update_sums(start, stop)
             average_sq, direction_dot = average_sq + square, direction_dot + dot
-        scratch.copy_(self.accum).sub_(self.weights)  # x_new - x = -delta, fp32 as _ServerStep has delta
-        update_norm = math.sqrt(dot64(scratch, scratch, self.chunk))
-        self.weights.copy_(self.accum)
+            step, x = scratch[start:stop], self.weights[start:stop]
+            step.copy_(self.accum[start:stop]).sub_(x)  # x_new - x = -delta, fp32 as _ServerStep has delta
+            update_sq += dot64(step, step, self.chunk)  # dot64's chunks are these: the same sum
+            x.copy_(self.accum[start:stop])
+        update_norm = math.sqrt(update_sq)
         return ServerStats(update_norm, update_norm, average_sq, direction_dot)
 
     def _all_reduce(self) -> None:
