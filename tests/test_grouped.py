@@ -45,7 +45,8 @@ def _fedavg(data, shards, *, family="tiny-bert", group=1, protocol="standard", d
 
 
 @pytest.mark.parametrize("family", ["tiny-bert", "tiny-albert", "tiny-distilbert"])
-@pytest.mark.parametrize("protocol", ["standard", "paper"])
+# the paper protocol's cases in the full run only (the quick loop keeps the standard ones)
+@pytest.mark.parametrize("protocol", ["standard", pytest.param("paper", marks=pytest.mark.slow)])
 def test_grouped_clients_train_what_sequential_clients_train(synth_tokens, family, protocol):
     """Groups of 3 and 1 (K=4, group 3) give the one-after-another weights, to fp32 rounding.
 

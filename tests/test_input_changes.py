@@ -77,6 +77,7 @@ def test_changed_local_data_or_model_reruns_exactly_what_depends_on_it(tmp_path)
     assert meta["rows"]["train"] == 200
 
 
+@pytest.mark.slow  # a real snakemake run: not in the quick loop
 def test_bad_data_content_fails_its_prepare_job_with_the_cause_on_the_console(tmp_path):
     """What only reading the data can show (here an empty label cell) fails the data set's first job,
     and the console shows fedsweep's one-line cause, not only the log's path; nothing trains."""
@@ -102,6 +103,7 @@ def test_bad_data_content_fails_its_prepare_job_with_the_cause_on_the_console(tm
     assert not (work / "results" / "data" / "mine" / "meta.json").exists()
 
 
+@pytest.mark.slow  # a real snakemake run: not in the quick loop
 def test_data_warnings_reach_the_console(tmp_path):
     """A test set that is the training set: prepare_data succeeds, and its warning is on the
     console, not only in logs/prepare_data/."""
@@ -118,6 +120,7 @@ def test_data_warnings_reach_the_console(tmp_path):
                         "training set (exact duplicates): test accuracy overstates generalisation"], proc.stderr
 
 
+@pytest.mark.slow  # a real snakemake run: not in the quick loop
 def test_a_data_file_replaced_with_an_older_mtime_reruns_its_data(tmp_path):
     """`cp -p`, `tar -x`, `rsync -t`: the new file's mtime is older than the outputs', so mtime
     alone says "up to date"; its content digest (a param of prepare_data) says otherwise."""
