@@ -17,19 +17,9 @@ Three parts, each the best of --repeats on this machine's CPU:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
-
-
-def best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from common import best
 
 
 def tokens(rows: int, length: int, classes: int, seed: int):

@@ -18,15 +18,7 @@ import argparse
 import json
 import time
 
-
-def best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from common import best
 
 
 def measure(model_spec: str, batch: int, steps: int, clients: int, repeats: int, threads: int) -> dict:

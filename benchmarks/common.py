@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,3 +42,14 @@ def tokens_dir(tokenizer: str = "minilm", max_length: int = 128, dataset: str = 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def best(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

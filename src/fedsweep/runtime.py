@@ -9,6 +9,20 @@ from typing import Any
 
 import torch
 
+from . import FedsweepError
+
+
+def check_device(device: str) -> None:
+    """The ``device`` setting names a device this machine has (one line otherwise)."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FedsweepError(f"train: invalid device={device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FedsweepError(f"train: device={device!r} but CUDA is not available")
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":

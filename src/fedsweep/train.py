@@ -65,7 +65,7 @@ from .models import build_model, is_decoder_classifier, model_fingerprint, total
 from .partition import hashed_info, read_shards
 from .record import METRIC_COLUMNS
 from .rounds import Federation, clients_per_round
-from .runtime import Progress, Ranks, pick_device
+from .runtime import Progress, Ranks, check_device, pick_device
 from .settings import HASH_ABSENT_AT_DEFAULT, JOB_TRAIN
 from .shard_sizes import holdout_problem
 from .strategies import build_strategy
@@ -78,18 +78,6 @@ __all__ = ["TrainConfig", "run", "METRIC_COLUMNS", "CHECKPOINT_FORMAT", "Ranks",
 # Fields that do not change the numbers: excluded from the hash that guards resuming.
 _UNHASHED = {"out_dir", "rounds", "device", "progress", "dataset", "checkpoint_every", "keep_checkpoint",
              "stale_checkpoint", "partition"}
-
-
-def check_device(cfg: TrainConfig) -> None:
-    """The device setting names a device this machine has (one line otherwise)."""
-    if cfg.device == "auto":
-        return
-    try:
-        dev = torch.device(cfg.device)
-    except RuntimeError:
-        raise FedsweepError(f"train: invalid device={cfg.device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FedsweepError(f"train: device={cfg.device!r} but CUDA is not available")
 
 
 def precision_settings(precision: str, device: torch.device) -> bool:
@@ -324,12 +312,8 @@ class _Cell:
         # Ranks split the test batches; the summed counts cover the whole test set exactly once.
         sums = evaluate_classes(self.model, self.test, self.test_batches[ranks.rank::ranks.world], self.test_len,
                                 self.protocol, bf16, num_classes=self.inputs.num_labels)
-        counts = torch.stack([sums.correct_c, sums.count_c])  # int64: exact in any order
-        losses = torch.cat([sums.loss_c, sums.loss_sum[None]])
-        if ranks.world > 1:
-            ranks.all_reduce_sum(counts)
-            ranks.all_reduce_sum(losses)
-        (correct_c, count_c), losses = counts.cpu().numpy(), losses.cpu().numpy()
+        (correct_c, count_c), losses = self._summed(torch.stack([sums.correct_c, sums.count_c]),
+                                                    torch.cat([sums.loss_c, sums.loss_sum[None]]))
         clients = client_eval.summary(*client_eval.per_client(self.client_labels, correct_c, losses[:-1], count_c))
         if self.holdout is not None:
             clients.update(self._evaluate_holdout(bf16))
@@ -339,18 +323,22 @@ class _Cell:
     def _evaluate_holdout(self, bf16: bool) -> dict[str, float]:
         """The :data:`fedsweep.client_eval.HOLDOUT_COLUMNS`: one pass over the union of the clients'
         held-out rows (ranks split its batches), summed per client."""
-        ranks, k = self.ranks, self.num_clients
+        ranks = self.ranks
         correct_k, loss_k, count_k = evaluate_holdout(
             self.model, self.train, self.train_len, self.holdout_rows, self.holdout_client,
-            self.holdout_batches[ranks.rank::ranks.world], k, self.protocol, bf16)
-        if ranks.world > 1:
-            counts = torch.from_numpy(np.concatenate([correct_k, count_k])).to(self.device)
-            losses = torch.from_numpy(loss_k).to(self.device)
-            ranks.all_reduce_sum(counts)
-            ranks.all_reduce_sum(losses)
-            (correct_k, count_k), loss_k = counts.cpu().numpy().reshape(2, k), losses.cpu().numpy()
+            self.holdout_batches[ranks.rank::ranks.world], self.num_clients, self.protocol, bf16)
+        (correct_k, count_k), loss_k = self._summed(torch.from_numpy(np.stack([correct_k, count_k])),
+                                                    torch.from_numpy(loss_k))
         return client_eval.summary(*client_eval.holdout_per_client(correct_k, loss_k, count_k),
                                    columns=client_eval.HOLDOUT_COLUMNS)
+
+    def _summed(self, counts: torch.Tensor, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Integer counts (exact in any order) and fp64 losses summed over the ranks, on the host."""
+        if self.ranks.world > 1:
+            counts, losses = counts.to(self.device), losses.to(self.device)
+            self.ranks.all_reduce_sum(counts)
+            self.ranks.all_reduce_sum(losses)
+        return counts.cpu().numpy(), losses.cpu().numpy()
 
     def train_one_round(self, round_: int, progress: Progress) -> dict[str, Any]:
         """Train, all-reduce and aggregate round ``round_``; return its metrics row (not yet evaluated)."""
@@ -400,7 +388,7 @@ class _Cell:
 
 def _run(cfg: TrainConfig) -> pd.DataFrame:
     cfg.validate()
-    check_device(cfg)
+    check_device(cfg.device)
     inputs = _read_inputs(cfg)
     if cfg.client_group > 1:
         check_grouping_support()
