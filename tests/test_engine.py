@@ -178,14 +178,15 @@ def test_weighted_average_matches_hand_computation():
 
 
 def test_chunked_cpu_accumulation_is_exact_and_measures_drift(monkeypatch):
-    """The CPU path's chunks change nothing: the same fp64 sums as one unchunked add, and the drift."""
+    """The CPU path's chunks change nothing: the same fp64 sums (of the updates x_k - x) as one
+    unchunked add, and the drift."""
     gen = torch.Generator().manual_seed(0)
     global_w = torch.randn(10_007, generator=gen)
     clients = [global_w + 0.01 * torch.randn(10_007, generator=gen) for _ in range(3)]
     sizes = [5, 7, 11]
     expected = torch.zeros(10_007, dtype=torch.float64)
     for w, n in zip(clients, sizes):
-        expected.add_(w.double(), alpha=n / sum(sizes))
+        expected.add_(w.double() - global_w.double(), alpha=n / sum(sizes))  # the average's update u
     monkeypatch.setattr(FedAvg, "CPU_CHUNK", 1000)  # 11 chunks, the last one partial
     strategy = FedAvg(global_w.clone())
     strategy.begin_round(sum(sizes))

@@ -14,9 +14,10 @@ from torch.overrides import TorchFunctionMode
 
 from fedsweep.client_update import ClientSettings, FedProx, LocalOptimizer
 from fedsweep.clients import train_client
-from fedsweep.engine import PROTOCOLS, FlatParameters, batch_loss, batches_on_device, client_batches
+from fedsweep.engine import PROTOCOLS, FlatParameters, attention_input, batch_loss, batches_on_device, client_batches
 from fedsweep.grouped import ClientGroups
 from fedsweep.models import build_model
+from fedsweep.modelspec import TINY_DECODERS
 from fedsweep.tokens import TokenTensors
 from fedsweep.train import TrainConfig, run
 
@@ -63,13 +64,28 @@ def _train(model_name: str, data: TokenTensors, protocol, *, optimizer=None, epo
     return flat, loss, seen, reads.reads
 
 
-@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-distilbert", "tiny-albert"])
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-distilbert", "tiny-albert", *TINY_DECODERS])
 def test_a_clients_steps_read_nothing_from_the_device(model_name):
     # Padded and unpadded batches both (an unpadded one has no mask, a padded one the 4-D mask).
     data = _tokens(full_rows=16)
     flat, loss, seen, reads = _train(model_name, data, STANDARD, epochs=2)
     assert seen == 2 * len(data) and torch.isfinite(loss)
     assert sum(reads.values()) == 0, reads
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", *TINY_DECODERS])
+def test_the_4d_mask_gives_the_models_own_logits(model_name):
+    """The mask attention_input builds (bidirectional, or causal for a decoder) is the one the model
+    builds from the 2-D mask, where the model reads the device to decide whether to skip it."""
+    data = _tokens(n=16)
+    ids, mask, _ = next(batches_on_device(data, data.lengths.numpy(), [np.arange(16)], STANDARD))
+    assert mask is not None
+    model = build_model(model_name, 4, seed=0).eval()
+    with torch.no_grad(), DeviceReads() as counter:
+        ours = model(input_ids=ids, attention_mask=attention_input(model, mask)).logits
+    with torch.no_grad():
+        assert torch.equal(ours, model(input_ids=ids, attention_mask=mask).logits)
+    assert sum(counter.reads.values()) == 0, counter.reads
 
 
 def test_corrected_steps_read_nothing_either():

@@ -125,6 +125,13 @@ class ClientUpdate:
         """Sections for run.json beyond the algorithm's settings (none here)."""
         return {}
 
+    @property
+    def row_sparse(self) -> bool:
+        """Whether a client's steps leave every input-embedding row its tokens never index bitwise
+        unchanged (:mod:`fedsweep.row_support`): plain SGD's, FedProx's (its term is 0 where
+        ``w == w_global``); not AdamW's, whose decay and ``eps`` are not to be relied on there."""
+        return self.settings.client_optimizer == "sgd"
+
     def begin_round(self, round_: int, lr: float, clients: Sequence[int], sizes: Sequence[int]) -> None:
         """``clients``: every client of the round (all ranks); ``sizes``: every client's shard size."""
         self.round, self.lr = round_, lr

@@ -216,17 +216,22 @@ _batches_on_device = batches_on_device  # the earlier name (benchmarks use it)
 def attention_input(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor | None:
     """What to pass a model as ``attention_mask`` for a padded batch's 2-D ``mask``.
 
-    For an encoder, the 4-D mask its attention takes, built as the model would build it, except
-    that transformers first asks whether the mask is all ones (``mask.all()``: a host sync every
-    step on a GPU) to drop it; :func:`batches_on_device` answers that on the CPU (an unpadded
-    batch has no mask). Decoders keep the 2-D mask (their causal mask is theirs to build).
+    The 4-D mask its attention takes, built as the model would build it (bidirectional for an
+    encoder, causal for a decoder), except that transformers first asks whether the mask may be
+    skipped (``mask.all()``: a host sync every step on a GPU); :func:`batches_on_device` answers
+    that on the CPU (an unpadded batch has no mask). A 4-D mask reaches the attention as it is
+    (transformers' ``_preprocess_mask_arguments``): the same logits, to the bit
+    (tests/test_fast_step.py).
     """
-    if mask is None or _decoder_classifier(model):
+    if mask is None:
         return mask
-    from transformers.masking_utils import create_bidirectional_mask
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
     dtype = model.get_input_embeddings().weight.dtype  # that of the embeddings the model passes
     shape_only = torch.empty(mask.shape[0], mask.shape[1], 0, dtype=dtype, device=mask.device)
+    if _decoder_classifier(model):
+        return create_causal_mask(config=model.config, inputs_embeds=shape_only, attention_mask=mask, cache=None,
+                                  allow_is_causal_skip=False)
     return create_bidirectional_mask(config=model.config, inputs_embeds=shape_only, attention_mask=mask,
                                      allow_is_bidirectional_skip=False)
 

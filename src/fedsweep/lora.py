@@ -157,6 +157,7 @@ class ExactAggregation:
             self._product_views.append(self.products[start:start + n].view(shape))  # (out, in): B @ A's shape
             start += n
         self._reduce = None
+        self._start: torch.Tensor | None = None
         self.residual_norm = float("nan")  # ||s (mean(BA) - mean(B) mean(A))||, summed over modules, last round
 
     # --- the wrapped strategy's interface -----------------------------------------------------------
@@ -182,26 +183,32 @@ class ExactAggregation:
     def name(self) -> str:
         return self.inner.name
 
+    @property
+    def embedding(self):
+        return self.inner.embedding
+
     def begin_round(self, total_examples: int) -> None:
         self.inner.begin_round(total_examples)
         self.products.zero_()
+        # the round's global adapters: the strategy sums the clients' updates from them
+        self._start = self.inner.weights.clone() if self._start is None else self._start.copy_(self.inner.weights)
 
     @torch.no_grad()
-    def add(self, client_weights: torch.Tensor, num_examples: int) -> float:
+    def add(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None) -> float:
         alpha = num_examples / self.inner.total
         views = self.views(client_weights)
         for m, product in zip(self.modules, self._product_views):
             # torch.mm, then add: the very operations finish_round uses for the product of the
             # averages, so at K=1 the residual is exactly zero (a centralised LoRA fine-tune).
             product.add_(torch.mm(views[m.b_index].double(), views[m.a_index].double()), alpha=alpha)
-        return self.inner.add(client_weights, num_examples)
+        return self.inner.add(client_weights, num_examples, rows)
 
     @torch.no_grad()
     def finish_round(self, scratch: torch.Tensor):
         stats = self.inner.finish_round(scratch)  # all-reduces (and keeps) the fp64 average
         if self._reduce is not None:
             self._reduce(self.products)
-        average = self.views(self.inner.accum)
+        average = self.views(self.inner.accum.add_(self._start))  # x + u: the fp64 average
         squares = 0.0
         for m, product in zip(self.modules, self._product_views):
             # The averages as the global adapters hold them (rounded to fp32), products in fp64.

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from . import row_support
 from .clients import ClientSettings, ClientUpdate, client_lr, train_client
 from .engine import BatchLoss, FlatParameters, Protocol, batch_loss, derive_seed
 from .strategies import ServerStats, Strategy
@@ -132,6 +133,8 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    # the input-embedding rows a client indexes, where the strategy adds by them (Federation)
+    embedding = getattr(strategy, "embedding", None) if client_update.row_sparse else None
     plan = groups.plan(clients, [len(shards[c]) for c in clients]) if groups is not None else [[c] for c in clients]
     flat.data.copy_(strategy.weights)  # from here on, each strategy.add reloads them
     for members in plan:
@@ -160,7 +163,8 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
                 stats.first_bad_client = min(stats.first_bad_client, client)
             client_update.after_client(local, row, client, weights, len(shards[client]))
             weight = client_update.average_weight(len(shards[client]))  # n_k (SCAFFOLD uniform: 1)
-            drift = strategy.add(weights, weight)
+            rows = embedding.client_rows(data.ids, shards[client]) if embedding is not None else None
+            drift = strategy.add(weights, weight, rows)
             share = weight / strategy.total
             stats.add_client(drift, share, loss, seen)
         sync()
@@ -186,6 +190,8 @@ class Federation:
         self.per_round = per_round or len(shards)
         self.groups, self.rank, self.world = groups, rank, world
         self.loss_fn = batch_loss(model, bf16, compile)  # one compiled step for every client and round
+        if client_update.row_sparse:  # the server then adds each client by the rows it indexed
+            row_support.attach(strategy, model, flat)
 
     def round_clients(self, round_: int) -> list[int]:
         """Every client of round ``round_`` (all ranks)."""

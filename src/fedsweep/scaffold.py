@@ -75,6 +75,7 @@ class Scaffold(ClientUpdate):
     """
 
     name = "scaffold"
+    row_sparse = False  # the correction c - c_i moves every row
 
     def __init__(self, settings: ClientSettings, global_weights: torch.Tensor, store: ControlVariateStore,
                  world: int = 1, background: bool = True):

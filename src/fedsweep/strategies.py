@@ -1,9 +1,11 @@
 """Server strategies: what the server makes of the round's client models (as Flower's ``Strategy``).
 
 Every strategy first forms the average of the round's client models, weighted by their shard
-sizes, accumulated in place in ONE float64 buffer (:meth:`Strategy.add`, one client at a time:
-memory independent of K, and the sum independent, beyond its final rounding, of the order in
-which clients or ranks add their models). It then moves the global weights ``x`` with the
+sizes, as ``x + u`` with ``u = sum_k w_k (x_k - x)`` accumulated in place in ONE float64 buffer
+(:meth:`Strategy.add`, one client at a time: memory independent of K, and the sum independent,
+beyond its final rounding, of the order in which clients or ranks add their models; a client
+that changed only some rows of the input embedding is added by those rows,
+:mod:`fedsweep.row_support`). It then moves the global weights ``x`` with the
 pseudo-gradient ``delta = x - average`` (Reddi et al. 2021, "Adaptive Federated Optimization",
 Algorithm 2, with their sign of delta flipped so that it points like a gradient):
 
@@ -25,7 +27,7 @@ model-sized vectors on the device, flat in K). FedAvgM is
 evaluated as ``x_new = average + (1 - lr) * delta - lr * momentum * m_old`` (the same quantity as
 ``x - lr * m_new``), so that with ``server_lr=1, server_momentum=0`` it is ``average`` to the bit:
 FedAvg. The round's norms and dot products (the metrics) are summed in fp64, chunk by chunk, over
-exact fp64 differences (``x_k - x``, ``average - x`` with the fp64 average) or fp32 vectors (:func:`dot64`).
+exact fp64 differences (``x_k - x``, and their fp64 average ``u``) or fp32 vectors (:func:`dot64`).
 The state (``m``, ``v``) is what :meth:`Strategy.state_dict` returns, saved in every
 checkpoint so a resumed run continues bitwise.
 
@@ -46,6 +48,7 @@ from .algorithm import STRATEGY_SETTINGS
 
 if TYPE_CHECKING:
     from .layers import LayerDrift
+    from .row_support import EmbeddingRows
 
 
 def chunk_size(device: torch.device) -> int:
@@ -95,6 +98,7 @@ class Strategy:
 
     def __init__(self, global_weights: torch.Tensor, **settings: float):
         self.weights = global_weights  # fp32, the global model between rounds
+        # u = sum_k w_k u_k, the average's update (u_k = x_k - x): the average is x + accum
         self.accum = torch.zeros_like(global_weights, dtype=torch.float64)
         # d = sum_k w_k u_k / ||u_k|| for the update cosine. fp32: a diagnostic needs no more than
         # its ~1e-7, and fp64 would add 8 instead of 4 bytes per parameter (flat in K either way).
@@ -108,8 +112,19 @@ class Strategy:
         self.host_casts = cpu  # cast through reused scratch (see chunk_size); tests set it off on a CPU
         # per-layer-group sums (fedsweep.layers.attach), fed the chunks below on the rounds it is active
         self.layers: LayerDrift | None = None
+        # the input embedding's rows (fedsweep.row_support.attach): clients added by the rows they index
+        self.embedding: EmbeddingRows | None = None
+        self._touched: torch.Tensor | None = None  # this round's indexed rows (bool per row)
+        self._sparse_round = False  # every add of this round was by rows: the server step is too
         if cpu:
             self._cast, self._cast_x = (torch.empty(self.chunk, dtype=torch.float64) for _ in range(2))
+
+    def use_rows(self, embedding: EmbeddingRows | None) -> None:
+        """Add clients that bring their rows (``add(..., rows=)``) by the rows of ``embedding`` (not
+        where a row is longer than a chunk: a vector that small is added densely)."""
+        self.embedding = embedding if embedding is not None and embedding.width <= self.chunk else None
+        if self.embedding is not None:
+            self._touched = torch.zeros(embedding.rows, dtype=torch.bool, device=self.weights.device)
 
     # --- the average ------------------------------------------------------------------------------
 
@@ -118,6 +133,9 @@ class Strategy:
         self.total = total_examples
         self.accum.zero_()
         self.direction.zero_()
+        self._sparse_round = self.embedding is not None and not self._measuring()
+        if self._touched is not None:
+            self._touched.zero_()
         if self._measuring():
             self.layers.begin_round()
 
@@ -125,73 +143,110 @@ class Strategy:
         """Whether this round's layer groups are measured (:mod:`fedsweep.layers`)."""
         return self.layers is not None and self.layers.active
 
+    def _f64(self, values: torch.Tensor, slot: int) -> torch.Tensor:
+        """``values`` (at most a chunk) in fp64: in a reused scratch buffer on a CPU (see
+        :func:`chunk_size`), a temporary elsewhere."""
+        if not self.host_casts:
+            return values.double()
+        return (self._cast if slot == 0 else self._cast_x)[:values.numel()].copy_(values)
+
     @torch.no_grad()
-    def add(self, client_weights: torch.Tensor, num_examples: int) -> float:
-        """Add ``w_k x_k`` (``w_k = n_k / N``) to the average and ``w_k u_k / ||u_k||`` to the
-        direction ``d`` (``u_k = x_k - x``, ``x`` the global weights; a client with ``u_k = 0``
+    def add(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None) -> float:
+        """Add ``w_k u_k`` (``w_k = n_k / N``, ``u_k = x_k - x``, ``x`` the global weights) to the
+        average's update and ``w_k u_k / ||u_k||`` to the direction ``d`` (a client with ``u_k = 0``
         adds nothing to ``d``); return ``||u_k||``, measured as :meth:`_update_sums` measures ``u``.
 
+        ``rows``: the input-embedding rows the client's tokens index (ascending,
+        :meth:`EmbeddingRows.client_rows <fedsweep.row_support.EmbeddingRows.client_rows>`), from a
+        client that changed no other row; only those rows of the matrix are then read. The sums get
+        the same values either way, elementwise ``accum + alpha * u`` and ``d + s * u``: the rows'
+        ``index_add_`` adds each row with the kernel of ``add_`` (``add_stub``), rows of a multiple of
+        16 elements (the vector width) as the chunks' ``add_`` adds them (tests/test_row_support.py).
+
         Afterwards ``client_weights`` holds the global weights again, ready for the next client.
-        The accumulated values do not depend on the chunking: every element gets the same fp64
-        ``accum + alpha * x`` either way.
         """
         alpha = num_examples / self.total
-        if self.host_casts:
-            squares = self._accumulate_chunks(client_weights, alpha)
+        by_rows = rows is not None and self.embedding is not None and not self._measuring()
+        if by_rows:
+            self._touched[rows] = True
         else:
-            self.accum.add_(client_weights, alpha=alpha)  # a GPU casts to fp64 inside the kernel
-            squares = 0.0
-            for index, (start, stop) in enumerate(self._spans()):
-                u = self._exact_update(client_weights, start, stop)
-                squares += float(torch.dot(u, u))
-                if self._measuring():
-                    self.layers.add_client(index, u, alpha)
-            client_weights.sub_(self.weights)
+            self._sparse_round = False
+        spans = self.embedding.outside(self.chunk) if by_rows else list(self._spans())
+        measuring = self._measuring()
+        squares = 0.0
+        for index, (start, stop) in enumerate(spans):
+            square, u = self._update_piece(client_weights[start:stop], self.weights[start:stop], alpha,
+                                           index if measuring else None)
+            squares += square
+            self.accum[start:stop].add_(u, alpha=alpha)
+        held = []  # the rows' fp32 u_k, for the direction once ||u_k|| is known
+        matrix = self.embedding.matrix if by_rows else None
+        for block in (self.embedding.blocks(rows, self.chunk) if by_rows else ()):
+            x, w = (matrix(v).index_select(0, block) for v in (client_weights, self.weights))
+            square, u = self._update_piece(x.view(-1), w.view(-1), alpha, None)
+            squares += square
+            matrix(self.accum).index_add_(0, block, u.view(x.shape), alpha=alpha)  # as add_ adds (add_stub)
+            held.append((block, x, w))
         norm = math.sqrt(squares)
-        # ||u_k|| is known only now: a second pass, fp32 only (no temporaries), with the reload of
-        # the global weights chunk by chunk (each chunk of u_k is read once, while in cache)
+        # ||u_k|| is known only now: a second pass, fp32 only, with the reload of the global weights
+        # chunk by chunk (each chunk of u_k is read once, while in cache)
         scale = alpha / norm if norm > 0 else 0.0
-        for start, stop in self._spans():
+        for start, stop in spans:
             u = client_weights[start:stop]
             if scale:
                 self.direction[start:stop].add_(u, alpha=scale)
             u.copy_(self.weights[start:stop])
+        for block, u, w in held:
+            if scale:
+                matrix(self.direction).index_add_(0, block, u, alpha=scale)
+            matrix(client_weights).index_copy_(0, block, w)
         return norm
 
-    def _accumulate_chunks(self, client_weights: torch.Tensor, alpha: float) -> float:
-        """The CPU's pass of :meth:`add`: ``accum += alpha x_k`` and ``x_k -> u_k`` in place, chunk by
-        chunk through cache-sized fp64 scratch buffers (see :func:`chunk_size`); returns ``||u_k||^2``
-        with the values and sums of :meth:`_exact_update`."""
-        squares = 0.0
-        measuring = self._measuring()
-        for index, (start, stop) in enumerate(self._spans()):
-            x, w = client_weights[start:stop], self.weights[start:stop]
-            cast, cast_x = self._cast[:stop - start], self._cast_x[:stop - start]
-            self.accum[start:stop].add_(cast.copy_(x), alpha=alpha)
-            squares += float(torch.dot(cast.sub_(cast_x.copy_(w)), cast))
-            if measuring:  # cast holds u_k's chunk in fp64 now
-                self.layers.add_client(index, cast, alpha)
-            x.sub_(w)
-        return squares
+    def _update_piece(self, x: torch.Tensor, w: torch.Tensor, alpha: float,
+                      layer_index: int | None) -> tuple[float, torch.Tensor]:
+        """One piece of :meth:`add`: ``u_k = x - w`` exact in fp64, and ``x -> u_k`` in place (fp32);
+        returns ``||u_k||^2`` over the piece and ``u_k`` (fp64, in scratch: to be added before the
+        next piece). ``layer_index``: the chunk's index, fed to the layer groups."""
+        u = self._f64(x, 0).sub_(self._f64(w, 1))
+        squares = float(torch.dot(u, u))
+        if layer_index is not None:
+            self.layers.add_client(layer_index, u, alpha)
+        x.sub_(w)
+        return squares, u
 
     def _spans(self):
         """The ``(start, stop)`` of every chunk: one chunking for every pass."""
         size = self.weights.numel()
         return ((start, min(start + self.chunk, size)) for start in range(0, size, self.chunk))
 
-    def _exact_update(self, values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """``values - x`` over ``[start, stop)`` in fp64 (a chunk-sized temporary): exact for fp32 or
-        fp64-summed values, so ``u_k`` and ``u`` are measured without rounding, and
-        ``sum_k w_k ||u_k||^2 - ||u||^2`` is the clients' spread to fp64 rounding."""
-        return values[start:stop].double() - self.weights[start:stop]
+    def _by_rows(self) -> bool:
+        """Whether this round's server step may read only the rows its clients indexed (and the
+        rest of the vector): every add was by rows, and no other rank added others."""
+        return self._sparse_round and self.reduce is None
 
-    def _update_sums(self, start: int, stop: int) -> tuple[float, float]:
-        """``||u||^2`` and ``<d, u>`` over ``[start, stop)``, ``u = average - x`` with the fp64 average
-        (before the server step moves ``x``); the layer groups' too, when measured."""
-        u = self._exact_update(self.accum, start, stop)
+    def _pieces(self):
+        """This round's pieces for the server's sums: ``(get, put)`` pairs, ``get(vector)`` the
+        piece of a vector (a view of a chunk, or a gathered block of rows) and ``put(vector,
+        values)`` writing a piece back. Pieces are in the order, and of the sizes, of :meth:`add`'s,
+        so that at K=1 ``||u||^2`` is summed as ``||u_1||^2`` was (rms exactly 0)."""
+        if not self._by_rows():
+            for start, stop in self._spans():
+                yield (lambda v, a=start, b=stop: v[a:b]), None
+            return
+        for start, stop in self.embedding.outside(self.chunk):
+            yield (lambda v, a=start, b=stop: v[a:b]), None
+        matrix = self.embedding.matrix
+        for block in self.embedding.blocks(torch.nonzero(self._touched).flatten(), self.chunk):
+            yield ((lambda v, i=block: matrix(v).index_select(0, i).view(-1)),
+                   (lambda v, values, i=block: matrix(v).index_copy_(0, i, values.view(len(i), -1))))
+
+    def _update_sums(self, get, index: int) -> tuple[float, float]:
+        """``||u||^2`` and ``<d, u>`` over a piece (``get``, see :meth:`_pieces`; ``index``: its
+        chunk's, for the layer groups), ``u = accum`` the unrounded fp64 average update."""
+        u = get(self.accum)
         if self._measuring():
-            self.layers.add_average(start // self.chunk, u, self.weights[start:stop])
-        return float(torch.dot(u, u)), float(torch.dot(self.direction[start:stop].double(), u))
+            self.layers.add_average(index, u, get(self.weights))
+        return float(torch.dot(u, u)), float(torch.dot(get(self.direction).double(), u))
 
     # --- the server step --------------------------------------------------------------------------
 
@@ -201,16 +256,22 @@ class Strategy:
 
         ``scratch`` is any fp32 buffer of the model's size that may be overwritten (the model's
         own flat weights, which the next client reloads anyway): no allocation of model size.
+        Where every client was added by rows, only the rest of the vector and the indexed rows move:
+        elsewhere ``accum`` is 0 and ``x + 0 == x``.
         """
         self._all_reduce()
         average_sq = direction_dot = update_sq = 0.0
-        for start, stop in self._spans():  # one pass, chunk by chunk (each chunk read while in cache)
-            square, dot = self._update_sums(start, stop)
+        for index, (get, put) in enumerate(self._pieces()):  # one pass (each piece read while in cache)
+            square, dot = self._update_sums(get, index)
             average_sq, direction_dot = average_sq + square, direction_dot + dot
-            step, x = scratch[start:stop], self.weights[start:stop]
-            step.copy_(self.accum[start:stop]).sub_(x)  # x_new - x = -delta, fp32 as _ServerStep has delta
+            x = get(self.weights)
+            average = self._f64(x, 0).add_(get(self.accum))  # x + u: at K=1 exactly x_1
+            step = get(scratch) if put is None else torch.empty_like(x)
+            step.copy_(average).sub_(x)  # x_new - x = -delta, fp32 as _ServerStep has delta
             update_sq += dot64(step, step, self.chunk)  # dot64's chunks are these: the same sum
-            x.copy_(self.accum[start:stop])
+            x.copy_(average)
+            if put is not None:
+                put(self.weights, x)
         update_norm = math.sqrt(update_sq)
         return ServerStats(update_norm, update_norm, average_sq, direction_dot)
 
@@ -251,20 +312,24 @@ class _ServerStep(Strategy):
     @torch.no_grad()
     def finish_round(self, scratch: torch.Tensor) -> ServerStats:
         self._all_reduce()
-        size = self.weights.numel()
+        by_rows = self._by_rows()
         delta_sq = update_sq = average_sq = direction_dot = 0.0
-        for start in range(0, size, self.chunk):
-            stop = min(start + self.chunk, size)
+        if by_rows:  # the sums over FedAvg's pieces (K=1: rms exactly 0); the state moves everywhere
+            for index, (get, _) in enumerate(self._pieces()):
+                square, dot = self._update_sums(get, index)
+                average_sq, direction_dot = average_sq + square, direction_dot + dot
+        for index, (start, stop) in enumerate(self._spans()):
             average, delta, t = (b[:stop - start] for b in self._f32)
             x = self.weights[start:stop]
             # The average rounded to fp32 first: FedAvg's new weights. The fp64 sum depends (in its
             # last bits) on the order clients and ranks added; its fp32 rounding practically never.
-            average.copy_(self.accum[start:stop])
+            average.copy_(self._f64(x, 0).add_(self.accum[start:stop]))
             torch.sub(x, average, out=delta)
             # the base class's sums, chunk for chunk: FedAvgM(lr 1, momentum 0) gets FedAvg's bits
             delta_sq += dot64(delta, delta, self.chunk)
-            square, dot = self._update_sums(start, stop)
-            average_sq, direction_dot = average_sq + square, direction_dot + dot
+            if not by_rows:
+                square, dot = self._update_sums(lambda v, a=start, b=stop: v[a:b], index)
+                average_sq, direction_dot = average_sq + square, direction_dot + dot
             update_sq += self._step(slice(start, stop), x, average, delta, t)
         return ServerStats(math.sqrt(update_sq), math.sqrt(delta_sq), average_sq, direction_dot)
 
