@@ -116,6 +116,7 @@ class Strategy:
         self.embedding: EmbeddingRows | None = None
         self._touched: torch.Tensor | None = None  # this round's indexed rows (bool per row)
         self._sparse_round = False  # every add of this round was by rows: the server step is too
+        self._added = 0  # clients added this round (this process)
         if cpu:
             self._cast, self._cast_x = (torch.empty(self.chunk, dtype=torch.float64) for _ in range(2))
 
@@ -123,6 +124,7 @@ class Strategy:
         """Add clients that bring their rows (``add(..., rows=)``) by the rows of ``embedding`` (not
         where a row is longer than a chunk: a vector that small is added densely)."""
         self.embedding = embedding if embedding is not None and embedding.width <= self.chunk else None
+        self._sparse_round = False
         if self.embedding is not None:
             self._touched = torch.zeros(embedding.rows, dtype=torch.bool, device=self.weights.device)
 
@@ -131,6 +133,8 @@ class Strategy:
     def begin_round(self, total_examples: int) -> None:
         """``total_examples``: the examples of the clients that enter this round's average."""
         self.total = total_examples
+        self._added = 0
+        # whole: zeroing a round's rows one by one (index_fill_) is slower than zeroing everything
         self.accum.zero_()
         self.direction.zero_()
         self._sparse_round = self.embedding is not None and not self._measuring()
@@ -166,6 +170,7 @@ class Strategy:
         Afterwards ``client_weights`` holds the global weights again, ready for the next client.
         """
         alpha = num_examples / self.total
+        self._added += 1
         by_rows = rows is not None and self.embedding is not None and not self._measuring()
         if by_rows:
             self._touched[rows] = True
@@ -227,8 +232,9 @@ class Strategy:
     def _pieces(self):
         """This round's pieces for the server's sums: ``(get, put)`` pairs, ``get(vector)`` the
         piece of a vector (a view of a chunk, or a gathered block of rows) and ``put(vector,
-        values)`` writing a piece back. Pieces are in the order, and of the sizes, of :meth:`add`'s,
-        so that at K=1 ``||u||^2`` is summed as ``||u_1||^2`` was (rms exactly 0)."""
+        values)`` writing a piece back (None for a view). Pieces are in the order, and of the
+        sizes, of :meth:`add`'s, so that at K=1 ``||u||^2`` is summed as ``||u_1||^2`` was (rms
+        exactly 0)."""
         if not self._by_rows():
             for start, stop in self._spans():
                 yield (lambda v, a=start, b=stop: v[a:b]), None
@@ -240,13 +246,13 @@ class Strategy:
             yield ((lambda v, i=block: matrix(v).index_select(0, i).view(-1)),
                    (lambda v, values, i=block: matrix(v).index_copy_(0, i, values.view(len(i), -1))))
 
-    def _update_sums(self, get, index: int) -> tuple[float, float]:
-        """``||u||^2`` and ``<d, u>`` over a piece (``get``, see :meth:`_pieces`; ``index``: its
+    def _update_sums(self, get, index: int) -> tuple[float, float, torch.Tensor]:
+        """``||u||^2``, ``<d, u>`` and ``u`` over a piece (``get``, see :meth:`_pieces`; ``index``: its
         chunk's, for the layer groups), ``u = accum`` the unrounded fp64 average update."""
         u = get(self.accum)
         if self._measuring():
             self.layers.add_average(index, u, get(self.weights))
-        return float(torch.dot(u, u)), float(torch.dot(get(self.direction).double(), u))
+        return float(torch.dot(u, u)), float(torch.dot(get(self.direction).double(), u)), u
 
     # --- the server step --------------------------------------------------------------------------
 
@@ -262,10 +268,10 @@ class Strategy:
         self._all_reduce()
         average_sq = direction_dot = update_sq = 0.0
         for index, (get, put) in enumerate(self._pieces()):  # one pass (each piece read while in cache)
-            square, dot = self._update_sums(get, index)
+            square, dot, u = self._update_sums(get, index)
             average_sq, direction_dot = average_sq + square, direction_dot + dot
             x = get(self.weights)
-            average = self._f64(x, 0).add_(get(self.accum))  # x + u: at K=1 exactly x_1
+            average = self._f64(x, 0).add_(u)  # x + u: at K=1 exactly x_1
             step = get(scratch) if put is None else torch.empty_like(x)
             step.copy_(average).sub_(x)  # x_new - x = -delta, fp32 as _ServerStep has delta
             update_sq += dot64(step, step, self.chunk)  # dot64's chunks are these: the same sum
@@ -312,11 +318,13 @@ class _ServerStep(Strategy):
     @torch.no_grad()
     def finish_round(self, scratch: torch.Tensor) -> ServerStats:
         self._all_reduce()
-        by_rows = self._by_rows()
+        # One client added by rows: the sums over its pieces (K=1: rms exactly 0). Otherwise, as the
+        # state moves everywhere, the sums ride along the dense pass (the pieces' gathers cost ~5 ms).
+        by_rows = self._by_rows() and self._added == 1
         delta_sq = update_sq = average_sq = direction_dot = 0.0
-        if by_rows:  # the sums over FedAvg's pieces (K=1: rms exactly 0); the state moves everywhere
+        if by_rows:
             for index, (get, _) in enumerate(self._pieces()):
-                square, dot = self._update_sums(get, index)
+                square, dot, _ = self._update_sums(get, index)
                 average_sq, direction_dot = average_sq + square, direction_dot + dot
         for index, (start, stop) in enumerate(self._spans()):
             average, delta, t = (b[:stop - start] for b in self._f32)
@@ -328,7 +336,7 @@ class _ServerStep(Strategy):
             # the base class's sums, chunk for chunk: FedAvgM(lr 1, momentum 0) gets FedAvg's bits
             delta_sq += dot64(delta, delta, self.chunk)
             if not by_rows:
-                square, dot = self._update_sums(lambda v, a=start, b=stop: v[a:b], index)
+                square, dot, _ = self._update_sums(lambda v, a=start, b=stop: v[a:b], index)
                 average_sq, direction_dot = average_sq + square, direction_dot + dot
             update_sq += self._step(slice(start, stop), x, average, delta, t)
         return ServerStats(math.sqrt(update_sq), math.sqrt(delta_sq), average_sq, direction_dot)
