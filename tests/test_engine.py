@@ -13,6 +13,7 @@ from conftest import without_dropout
 from fedsweep.clients import train_client
 from fedsweep.engine import PROTOCOLS, FlatParameters, client_batches, derive_seed
 from fedsweep.rounds import train_round
+from fedsweep.row_support import EmbeddingRows
 from fedsweep.strategies import FedAvg
 from fedsweep.models import build_model
 from fedsweep.partition import iid_shards
@@ -28,10 +29,13 @@ def _padding(flat):
 
 
 def _fedavg(model, data, shards, rounds, *, epochs=2, batch_size=16, lr=0.05, protocol="standard", seed=0,
-            loss_sums=None):
-    """The engine's round loop, as train.run drives it (without I/O): the global parameters, unpadded."""
+            loss_sums=None, by_rows=False):
+    """The engine's round loop, as train.run drives it (without I/O): the global parameters, unpadded.
+    ``by_rows``: clients added by the embedding rows they index (as Federation adds them)."""
     flat = FlatParameters(model)
     strategy = FedAvg(flat.data.clone())
+    if by_rows:
+        strategy.use_rows(EmbeddingRows.of(model, flat))
     lengths = data.lengths.numpy()
     total = sum(len(s) for s in shards)
     for r in range(1, rounds + 1):
@@ -39,6 +43,7 @@ def _fedavg(model, data, shards, rounds, *, epochs=2, batch_size=16, lr=0.05, pr
         stats = train_round(model, flat, strategy, data, lengths, shards, range(len(shards)), epochs=epochs,
                             batch_size=batch_size, lr=lr, protocol=PROTOCOLS[protocol], seed=seed, round_=r,
                             bf16=False)
+        assert strategy._by_rows() == by_rows
         strategy.finish_round(scratch=flat.data)
         if loss_sums is not None:
             loss_sums.append(stats.loss_sum)
@@ -87,12 +92,15 @@ def _odd_model():
     return BertForSequenceClassification(config)
 
 
-def test_k1_equals_centralised_sgd_bitwise(synth_tokens):
-    """FedAvg with one client is plain SGD over the same batches: same weights, to the bit."""
+@pytest.mark.parametrize("by_rows", [False, True], ids=["dense", "by-rows"])
+def test_k1_equals_centralised_sgd_bitwise(synth_tokens, by_rows):
+    """FedAvg with one client is plain SGD over the same batches: same weights, to the bit (also
+    with the client added by its embedding rows, and the server stepping only those)."""
     data = load_split(synth_tokens / "tokens", "train")
     shard = iid_shards(len(data), 2, seed=0)[0]  # 128 rows keep the reference loop quick
     fed_losses = []
-    fed = _fedavg(build_model("tiny-bert", 4, seed=3), data, [shard], rounds=2, loss_sums=fed_losses)
+    fed = _fedavg(build_model("tiny-bert", 4, seed=3), data, [shard], rounds=2, loss_sums=fed_losses,
+                  by_rows=by_rows)
     ref, ref_losses = _plain_sgd(build_model("tiny-bert", 4, seed=3), synth_tokens, shard, rounds=2)
     assert torch.equal(fed, ref)
     assert fed_losses == ref_losses
