@@ -205,7 +205,7 @@ class ExactAggregation:
 
     @torch.no_grad()
     def finish_round(self, scratch: torch.Tensor):
-        stats = self.inner.finish_round(scratch)  # all-reduces (and keeps) the fp64 average
+        stats = self.inner.finish_round(scratch)  # all-reduces (and keeps) the fp64 sum of updates
         if self._reduce is not None:
             self._reduce(self.products)
         average = self.views(self.inner.accum.add_(self._start))  # x + u: the fp64 average

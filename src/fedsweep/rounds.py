@@ -134,7 +134,7 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
             torch.cuda.synchronize(device)
 
     # the input-embedding rows a client indexes, where the strategy adds by them (Federation)
-    embedding = getattr(strategy, "embedding", None) if client_update.row_sparse else None
+    embedding = strategy.embedding if client_update.row_sparse else None
     plan = groups.plan(clients, [len(shards[c]) for c in clients]) if groups is not None else [[c] for c in clients]
     flat.data.copy_(strategy.weights)  # from here on, each strategy.add reloads them
     for members in plan:

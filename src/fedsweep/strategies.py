@@ -77,6 +77,11 @@ def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int) -> float:
     return total
 
 
+def _span(start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A piece's ``get`` (:meth:`Strategy._pieces`) for the chunk ``[start, stop)``: a view."""
+    return lambda vector: vector[start:stop]
+
+
 @dataclass
 class ServerStats:
     """What the server step did: the norm of the applied update ``x_new - x`` and of ``delta`` (the
@@ -164,20 +169,20 @@ class Strategy:
         :meth:`EmbeddingRows.client_rows <fedsweep.row_support.EmbeddingRows.client_rows>`), from a
         client that changed no other row; only those rows of the matrix are then read. The sums get
         the same values either way, elementwise ``accum + alpha * u`` and ``d + s * u``: the rows'
-        ``index_add_`` adds each row with the kernel of ``add_`` (``add_stub``), rows of a multiple of
-        16 elements (the vector width) as the chunks' ``add_`` adds them (tests/test_row_support.py).
+        ``index_add_`` adds each row with the kernel of ``add_`` (``add_stub``), as the chunks' ``add_``
+        adds them (tests/test_row_support.py: rows of 16 and of 13 elements).
 
         Afterwards ``client_weights`` holds the global weights again, ready for the next client.
         """
         alpha = num_examples / self.total
         self._added += 1
-        by_rows = rows is not None and self.embedding is not None and not self._measuring()
+        measuring = self._measuring()
+        by_rows = rows is not None and self.embedding is not None and not measuring
         if by_rows:
             self._touched[rows] = True
         else:
             self._sparse_round = False
         spans = self.embedding.outside(self.chunk) if by_rows else list(self._spans())
-        measuring = self._measuring()
         squares = 0.0
         for index, (start, stop) in enumerate(spans):
             square, u = self._update_piece(client_weights[start:stop], self.weights[start:stop], alpha,
@@ -235,12 +240,11 @@ class Strategy:
         values)`` writing a piece back (None for a view). Pieces are in the order, and of the
         sizes, of :meth:`add`'s, so that at K=1 ``||u||^2`` is summed as ``||u_1||^2`` was (rms
         exactly 0)."""
-        if not self._by_rows():
-            for start, stop in self._spans():
-                yield (lambda v, a=start, b=stop: v[a:b]), None
+        by_rows = self._by_rows()
+        for start, stop in self.embedding.outside(self.chunk) if by_rows else self._spans():
+            yield _span(start, stop), None
+        if not by_rows:
             return
-        for start, stop in self.embedding.outside(self.chunk):
-            yield (lambda v, a=start, b=stop: v[a:b]), None
         matrix = self.embedding.matrix
         for block in self.embedding.blocks(torch.nonzero(self._touched).flatten(), self.chunk):
             yield ((lambda v, i=block: matrix(v).index_select(0, i).view(-1)),
@@ -336,7 +340,7 @@ class _ServerStep(Strategy):
             # the base class's sums, chunk for chunk: FedAvgM(lr 1, momentum 0) gets FedAvg's bits
             delta_sq += dot64(delta, delta, self.chunk)
             if not by_rows:
-                square, dot, _ = self._update_sums(lambda v, a=start, b=stop: v[a:b], index)
+                square, dot, _ = self._update_sums(_span(start, stop), index)
                 average_sq, direction_dot = average_sq + square, direction_dot + dot
             update_sq += self._step(slice(start, stop), x, average, delta, t)
         return ServerStats(math.sqrt(update_sq), math.sqrt(delta_sq), average_sq, direction_dot)
