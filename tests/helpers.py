@@ -105,3 +105,26 @@ def write_inputs(work: Path) -> None:
     short.mkdir(parents=True)
     (short / "config.json").write_text('{"model_type": "bert", "max_position_embeddings": 16}\n')
     (work / "models" / "empty").mkdir()
+
+
+# several processes of one cell on this machine (gloo)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def run_side_by_side(single: list[str], multi: list[str], env: dict, logs: Path) -> None:
+    """A one-process run and a 2-rank run (``TORCHRUN``) side by side, so that one's start-up
+    overlaps the other's (they write separate folders: their numbers do not depend on it); both
+    must succeed. Their output goes to files in ``logs`` (a pipe left unread while the other
+    runs could fill up)."""
+    procs = []
+    for name, cmd in (("single", single), ("multi", multi)):
+        log = logs / f"{name}.log"
+        with open(log, "w") as out:
+            procs.append((log, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)))
+    try:
+        for log, proc in procs:
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()

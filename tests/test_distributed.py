@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from fedsweep.partition import iid_shards, write_shards
+from helpers import TORCHRUN, run_side_by_side
 
 TIMING = ["train_seconds", "aggregate_seconds", "eval_seconds", "peak_memory_bytes"]  # differ run to run
 
@@ -33,13 +33,8 @@ def test_two_ranks_equal_one_process(synth_tokens, tmp_path):
     args = ["train", "--tokens-dir", str(synth_tokens / "tokens"), "--shards", str(shards), "--model", "tiny-bert",
             "--rounds", "3", "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--progress", "lines"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "two")],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    run_side_by_side([sys.executable, "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "one")],
+              [*TORCHRUN, "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "two")], env, tmp_path)
     a = pd.read_parquet(tmp_path / "one" / "metrics.parquet").drop(columns=TIMING)
     b = pd.read_parquet(tmp_path / "two" / "metrics.parquet").drop(columns=TIMING)
     # The global weights and accuracy are bitwise equal; sums over clients or test batches
@@ -99,12 +94,7 @@ def test_two_ranks_equal_one_process_for_every_algorithm(micro, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(script), configs("one")], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            str(script), configs("two")], env=env, capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    run_side_by_side([sys.executable, str(script), configs("one")], [*TORCHRUN, str(script), configs("two")], env, tmp_path)
     near = {"sampled-scaffold-fedavgm", "scaffold-uniform", "fedadam"}  # with a last-bit flip (see above)
     for name in ALGORITHMS:
         one, two = tmp_path / "one" / name, tmp_path / "two" / name

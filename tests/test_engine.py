@@ -4,7 +4,6 @@ clients, averages by shard size, and the two protocols feed the model what they 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

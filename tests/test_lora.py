@@ -9,7 +9,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -23,9 +22,9 @@ from fedsweep.models import TINY_DECODERS, build_model, total_parameters
 from fedsweep.partition import iid_shards, write_shards
 from fedsweep.rounds import Federation
 from fedsweep.clients import ClientSettings, ClientUpdate
-from fedsweep.strategies import FedAvg, build_strategy
+from fedsweep.strategies import build_strategy
 from fedsweep.tokens import load_split
-from fedsweep.train import METRIC_COLUMNS, TrainConfig, _hashed_config, _Inputs, _read_inputs, run
+from fedsweep.train import METRIC_COLUMNS, TrainConfig, _hashed_config, _read_inputs, run
 
 pytest.importorskip("peft")
 
@@ -327,21 +326,17 @@ def test_exact_lora_on_two_ranks_equals_one_process(synth_tokens, tmp_path):
     """torchrun, 2 processes (gloo): the clients' products are all-reduced like the average, so
     both ranks add the same residual; the result is the single process's to float64 summation order."""
     import os
-    import subprocess
     import sys
+
+    from helpers import TORCHRUN, run_side_by_side
 
     spec = json.dumps({**LORA, "aggregation": "exact"})
     args = ["train", "--tokens-dir", str(synth_tokens / "tokens"), "--shards", _shards(synth_tokens, 4, 128),
             "--model", "tiny-llama", "--rounds", "2", "--epochs", "1", "--batch-size", "16", "--lr", "0.2",
             "--progress", "none", "--peft", spec]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "two")],
-                           env=env, capture_output=True, text=True, timeout=600)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    run_side_by_side([sys.executable, "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "one")],
+                     [*TORCHRUN, "-m", "fedsweep", *args, "--out-dir", str(tmp_path / "two")], env, tmp_path)
     a = pd.read_parquet(tmp_path / "one" / "metrics.parquet").drop(columns=UNREPRODUCIBLE)
     b = pd.read_parquet(tmp_path / "two" / "metrics.parquet").drop(columns=UNREPRODUCIBLE)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=0)

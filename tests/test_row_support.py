@@ -110,6 +110,28 @@ def test_one_client_by_rows_has_no_spread(monkeypatch, name):
         assert torch.equal(strategy.weights, clients[0][0])
 
 
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_a_server_step_split_with_a_worker_thread_gives_the_same_bits(monkeypatch, name):
+    """Where a free core allows it, a worker thread takes half of the server step's chunks
+    (fedsweep.background.split_map): the weights, the state and every metric are those of one
+    thread, to the bit; rounds added densely, by rows, and by rows with one client."""
+    monkeypatch.setattr(FedAvg, "CPU_CHUNK", 64)  # 32 chunks
+    x, _ = _clients(0)
+    strategies = {}
+    for split in (False, True):
+        monkeypatch.setattr("fedsweep.strategies.free_core", lambda split=split: split)
+        strategies[split] = build_strategy(name, x.clone(), **SERVER)
+        strategies[split].use_rows(EMBEDDING)
+        assert (strategies[split]._lanes() is not None) == split  # decided once, on the first call
+    for round_, (count, by_rows) in enumerate([(3, False), (3, True), (1, True)]):
+        _, clients = _clients(count, seed=round_, x=strategies[False].weights)
+        results = [_round(strategies[split], clients, [5, 9, 6][:count], by_rows) for split in (False, True)]
+        assert results[0][1] == results[1][1]  # the metrics
+        assert torch.equal(strategies[True].weights, strategies[False].weights)
+        assert all(torch.equal(a, b) for a, b in zip(strategies[True].state_dict().values(),
+                                                     strategies[False].state_dict().values()))
+
+
 def test_a_round_with_a_dense_client_steps_densely():
     x, clients = _clients(3, seed=1)
     sizes = [4, 4, 4]

@@ -26,7 +26,7 @@ MIB = SIZE * 4 / 2 ** 20  # one variate
 def free_core(monkeypatch):
     """The pipeline runs where a core is free of training threads: here, always (these tests are
     about its bits, not its speed)."""
-    monkeypatch.setattr("fedsweep.scaffold._free_core", lambda: True)
+    monkeypatch.setattr("fedsweep.scaffold.free_core", lambda: True)
 
 
 def _store(folder: Path, **kw) -> ControlVariateStore:

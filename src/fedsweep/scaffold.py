@@ -10,7 +10,6 @@ gets it by name from ``CLIENT_UPDATES`` (:mod:`fedsweep.clients`).
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,14 +19,8 @@ import torch
 
 from . import FedsweepError
 from .client_update import ClientSettings, ClientUpdate, LocalOptimizer
-from .scaffold_store import DEFAULT_MEMORY_MIB, ControlVariateStore, _single_thread_pool
-
-
-def _free_core() -> bool:
-    """Whether this process may use more cores than torch's intra-op threads (its CPU affinity:
-    a SLURM job's allocation, not the node's cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores > torch.get_num_threads()
+from .background import free_core, single_thread_pool
+from .scaffold_store import DEFAULT_MEMORY_MIB, ControlVariateStore
 
 
 class Scaffold(ClientUpdate):
@@ -63,7 +56,7 @@ class Scaffold(ClientUpdate):
     on every rank, after it; page cache: the files were just written).
 
     One process on the CPU with a core its training threads leave free (``background``, the
-    default; :func:`_free_core`) moves the per-client work off the training thread, onto one background thread that runs the same torch ops in the same order
+    default; :func:`fedsweep.background.free_core`) moves the per-client work off the training thread, onto one background thread that runs the same torch ops in the same order
     (clients in the order they finish, one at a time): while a client trains, it reads the next
     client's ``c_i`` (from the store's memory or its file) and computes its ``c - c_i``; after a
     client, the training thread only computes ``x - y_i`` (``y_i`` is overwritten by the next
@@ -98,8 +91,8 @@ class Scaffold(ClientUpdate):
         # the pipeline (one process on the CPU, with a core its training threads leave free): a
         # background thread for the per-client work. Without a free core it would compete with
         # the training threads for theirs (measured: slower than inline on a loaded machine).
-        self.pipelined = background and world == 1 and device.type == "cpu" and _free_core()
-        self._worker = _single_thread_pool("fedsweep-scaffold") if self.pipelined else None
+        self.pipelined = background and world == 1 and device.type == "cpu" and free_core()
+        self._worker = single_thread_pool("fedsweep-scaffold") if self.pipelined else None
         self._jobs: deque[Future] = deque()
         self._spare: list[torch.Tensor] = []  # free model-sized fp32 vectors
         self._next: tuple[int, torch.Tensor, Future] | None = None  # (client, its c - c_i buffer, c_i's future)

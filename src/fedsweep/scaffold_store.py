@@ -14,25 +14,19 @@ import os
 import re
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .background import single_thread_pool
 from .io import atomic_path
 
 
 DEFAULT_MEMORY_MIB = 256  # host memory for control variates kept beside their files (the LRU cache)
 MAX_PENDING_WRITES = 4  # background file writes in flight; a fifth waits for the oldest
-
-
-def _single_thread_pool(name: str) -> ThreadPoolExecutor:
-    """One background thread whose torch ops use the caller's intra-op thread count (the same
-    chunking, hence the same bits, as the same ops on the calling thread)."""
-    threads = torch.get_num_threads()
-    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
 class ControlVariateStore:
@@ -73,7 +67,7 @@ class ControlVariateStore:
         self._pending: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # written in the background
         self._writes: deque[Future] = deque()
         self._lock = threading.Lock()
-        self._io = _single_thread_pool("fedsweep-cv-write") if background else None
+        self._io = single_thread_pool("fedsweep-cv-write") if background else None
 
     def path(self, client: int, round_: int) -> Path:
         return self.folder / f"c{client}.r{round_}.f32"
