@@ -119,7 +119,7 @@ def test_a_server_step_split_with_a_worker_thread_gives_the_same_bits(monkeypatc
     x, _ = _clients(0)
     strategies = {}
     for split in (False, True):
-        monkeypatch.setattr("fedsweep.strategies.free_core", lambda split=split: split)
+        monkeypatch.setattr("fedsweep.average.free_core", lambda split=split: split)
         strategies[split] = build_strategy(name, x.clone(), **SERVER)
         strategies[split].use_rows(EMBEDDING)
         assert (strategies[split]._lanes() is not None) == split  # decided once, on the first call
@@ -194,6 +194,61 @@ def test_a_federation_by_rows_trains_what_the_dense_one_trains(case):
     untouched[indexed] = False
     assert untouched.sum() > 0.9 * embedding.rows
     assert torch.equal(embedding.matrix(sparse.strategy.weights)[untouched], embedding.matrix(initial)[untouched])
+
+
+@pytest.mark.parametrize("case", ["fedavg", "fedadam", "scaffold"])
+def test_clients_summed_on_a_worker_thread_give_the_same_bits(monkeypatch, tmp_path, case):
+    """With a free core the server sums each client on a worker thread while the next client trains
+    (Strategy.submit: by rows, or densely for SCAFFOLD, whose own pipeline runs beside it), and
+    FedAdam's step splits its chunks with it: 3 rounds of real tiny-bert clients give the
+    one-thread run's weights, state and metrics to the bit."""
+    def update(weights, folder):
+        if case != "scaffold":
+            return ClientUpdate(ClientSettings(), weights)
+        store = ControlVariateStore(tmp_path / folder, 16, weights.numel(), weights.device)
+        return Scaffold(ClientSettings(client="scaffold"), weights, store)
+
+    feds = {}
+    for worker in (False, True):
+        for module in ("average", "scaffold"):
+            monkeypatch.setattr(f"fedsweep.{module}.free_core", lambda worker=worker: worker)
+        feds[worker] = _federation(lambda w, f=str(worker): update(w, f), by_rows=True,
+                                   strategy="fedadam" if case == "fedadam" else "fedavg")
+        assert (feds[worker].strategy._background() is not None) == worker  # decided once, on first use
+    for round_ in (1, 2, 3):
+        got, want = (feds[w].finish(feds[w].train(round_)) for w in (True, False))
+        assert torch.equal(feds[True].strategy.weights, feds[False].strategy.weights), round_
+        for key in ("train_loss", "client_update_norm", "client_drift_max", "mean_update_norm",
+                    "pseudo_gradient_norm", "client_drift_rms", "update_cosine"):
+            assert got[key] == want[key], key
+        for a, b in ((feds[True].strategy, feds[False].strategy), (feds[True].client_update, feds[False].client_update)):
+            assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+                       for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_clients_submitted_by_rows_or_densely_sum_what_adding_them_sums(monkeypatch):
+    """Clients handed to the worker thread (Strategy.submit), by rows and one densely (rows=None):
+    the sums, norms and new weights of adding them on this thread, in the same order."""
+    monkeypatch.setattr(FedAvg, "CPU_CHUNK", 64)
+    monkeypatch.setattr("fedsweep.average.free_core", lambda: True)
+    x, clients = _clients(4, seed=3)
+    sizes = [3, 5, 7, 2]
+    pipelined, inline = FedAvg(x.clone()), FedAvg(x.clone())
+    for strategy in (pipelined, inline):
+        strategy.use_rows(EMBEDDING)
+        strategy.begin_round(sum(sizes))
+    norms = []
+    for k, ((client, rows), n) in enumerate(zip(clients, sizes)):
+        rows = None if k == 2 else rows
+        buffer = client.clone()
+        norms.append((pipelined.submit(buffer, n, rows), inline.add(client.clone(), n, rows)))
+        assert torch.equal(buffer, pipelined.weights)  # reloaded at once, for the next client
+    pipelined.drain()
+    assert [a.result() for a, _ in norms] == [b for _, b in norms]
+    assert torch.equal(pipelined.accum, inline.accum) and torch.equal(pipelined.direction, inline.direction)
+    scratch = torch.empty(EMBEDDING.size)
+    assert pipelined.finish_round(scratch) == inline.finish_round(scratch)
+    assert torch.equal(pipelined.weights, inline.weights)
 
 
 def test_client_updates_that_move_every_row_are_added_densely(tmp_path):

@@ -11,9 +11,9 @@ The defaults are FedAvg as fedsweep always ran it: every client every round, pla
 constant lr, the size-weighted average. Settings at their default are left out of the config hash,
 so checkpoints of earlier versions resume; every other setting is in it.
 
-Adding a server strategy with one new setting: its class in strategies.py, its name and settings
-in :data:`STRATEGY_SETTINGS` (and the new :class:`Setting` in :data:`SETTINGS`), the schema's
-enum and property, a test.
+Adding a server strategy with one new setting: its class in server_steps.py (registered in
+strategies.STRATEGIES), its name and settings in :data:`STRATEGY_SETTINGS` (and the new
+:class:`Setting` in :data:`SETTINGS`), the schema's enum and property, a test.
 """
 
 from __future__ import annotations

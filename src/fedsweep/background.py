@@ -2,8 +2,9 @@
 
 Torch releases the GIL inside its kernels, so a Python thread that runs torch ops runs them
 beside the training thread. Used where the order of the work is fixed and its results do not
-depend on which thread did it: SCAFFOLD's per-client work (:mod:`fedsweep.scaffold`) and the
-server step's chunks (:class:`fedsweep.strategies._ServerStep`). Only where the process's cores
+depend on which thread did it: SCAFFOLD's per-client work (:mod:`fedsweep.scaffold`), the
+server's sums of a client added by its rows (:meth:`fedsweep.average.Strategy.submit`) and half of
+the server step's chunks (:class:`fedsweep.server_steps._ServerStep`). Only where the process's cores
 (its CPU affinity: a SLURM job's allocation) exceed torch's intra-op threads; otherwise a second
 thread would take the training threads' cores.
 """
@@ -11,7 +12,7 @@ thread would take the training threads' cores.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 import torch
@@ -47,3 +48,10 @@ def split_map(work: Callable[[int, int], T], count: int, worker: ThreadPoolExecu
     finally:
         rest = later.result()  # always waited for: the worker is never left writing
     return first + rest
+
+
+def done(value: T) -> Future:
+    """A future that already holds ``value`` (work done on the calling thread)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future

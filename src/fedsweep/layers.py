@@ -10,7 +10,7 @@ transformer block, the head), the same measures as the whole-model drift metrics
 - ``weight_norm``: ``||x_g||`` of the round's global model (before the server step);
 - ``relative_pseudo_gradient``, ``relative_drift``: the two norms over ``weight_norm`` (NaN if 0).
 
-Cost: :class:`Strategy.add <fedsweep.strategies.Strategy.add>` already holds each chunk of ``u_k``
+Cost: :class:`Strategy.add <fedsweep.average.Strategy.add>` already holds each chunk of ``u_k``
 in fp64; :class:`LayerDrift` adds one dot product per (chunk, group) piece of it, weighted into a
 G-vector. Groups are contiguous runs of the flat vector (parameters of a group are registered
 together), so no per-element index is needed: memory is G numbers and a list of runs, flat in K
@@ -94,7 +94,7 @@ def group_runs(names: Sequence[str], offsets: Sequence[int], size: int) -> tuple
 
 
 class LayerDrift:
-    """The per-group sums of one round, fed chunk by chunk by a :class:`~fedsweep.strategies.Strategy`
+    """The per-group sums of one round, fed chunk by chunk by a :class:`~fedsweep.average.Strategy`
     (its chunking: ``chunk`` elements per chunk). ``active``: whether this round is measured."""
 
     def __init__(self, names: Sequence[str], offsets: Sequence[int], size: int, chunk: int, device: torch.device):

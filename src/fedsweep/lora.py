@@ -47,6 +47,7 @@ import torch
 
 from . import FedsweepError
 from .adapters import PeftSpec, parse  # noqa: F401  (re-exported: the spec and its checks, torch-free)
+from .background import done
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -138,8 +139,8 @@ class ExactAggregation:
     weights gain ``s (sum_k w_k B_k A_k - B_avg A_avg)`` (``w_k = n_k / N``, float64).
 
     It stands in for the strategy it wraps (``weights``, ``total``, ``reduce``, ``begin_round``,
-    ``add``, ``finish_round``, ``state_dict``) and adds the target modules' base weights to the
-    state, so a checkpoint resumes them bitwise.
+    ``add``, ``submit`` (here: at once), ``finish_round``, ``state_dict``) and adds the target
+    modules' base weights to the state, so a checkpoint resumes them bitwise.
     """
 
     def __init__(self, strategy, model: torch.nn.Module, flat):
@@ -202,6 +203,12 @@ class ExactAggregation:
             # averages, so at K=1 the residual is exactly zero (a centralised LoRA fine-tune).
             product.add_(torch.mm(views[m.b_index].double(), views[m.a_index].double()), alpha=alpha)
         return self.inner.add(client_weights, num_examples, rows)
+
+    def submit(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None):
+        return done(self.add(client_weights, num_examples, rows))  # the products need the client's weights now
+
+    def drain(self) -> None:
+        self.inner.drain()
 
     @torch.no_grad()
     def finish_round(self, scratch: torch.Tensor):

@@ -137,6 +137,7 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
     embedding = strategy.embedding if client_update.row_sparse else None
     plan = groups.plan(clients, [len(shards[c]) for c in clients]) if groups is not None else [[c] for c in clients]
     flat.data.copy_(strategy.weights)  # from here on, each strategy.add reloads them
+    added = []  # (||u_k||, a future; the client's share of the average; its loss; its examples)
     for members in plan:
         sync()
         t0 = time.perf_counter()
@@ -164,12 +165,15 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
             client_update.after_client(local, row, client, weights, len(shards[client]))
             weight = client_update.average_weight(len(shards[client]))  # n_k (SCAFFOLD uniform: 1)
             rows = embedding.client_rows(data.ids, shards[client]) if embedding is not None else None
-            drift = strategy.add(weights, weight, rows)
-            share = weight / strategy.total
-            stats.add_client(drift, share, loss, seen)
+            added.append((strategy.submit(weights, weight, rows), weight / strategy.total, loss, seen))
         sync()
         stats.train_seconds += t1 - t0
         stats.aggregate_seconds += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    strategy.drain()  # the adds a worker thread took (Strategy.submit)
+    stats.aggregate_seconds += time.perf_counter() - t2
+    for drift, share, loss, seen in added:  # in the order of the adds: the same sums either way
+        stats.add_client(drift.result(), share, loss, seen)
     return stats
 
 

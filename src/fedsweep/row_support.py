@@ -5,7 +5,7 @@ In a classifier's flat vector the word embeddings are most of the parameters (89
 texts use ~1,000 of 30,522. A client whose steps are plain SGD (FedProx's term included) leaves
 every other row bitwise unchanged: the embedding's backward writes exact zeros there,
 ``p - lr * 0 == p``, and FedProx adds ``mu (w - w_global) == 0`` where ``w`` is still
-``w_global``. So the server's per-client work (:meth:`fedsweep.strategies.Strategy.add`) needs only
+``w_global``. So the server's per-client work (:meth:`fedsweep.average.Strategy.add`) needs only
 the rest of the vector and those rows: about a sixth of the bytes in that sweep. The values it
 adds are the dense add's to the bit (an unchanged row adds ``alpha * 0``); only the order in which
 norms are summed differs (:mod:`tests.test_row_support`).
