@@ -186,9 +186,12 @@ def test_demo_workflow_through_slurm_survives_a_cancelled_training_job(cluster, 
     killed = baseline = None
     timeout = 900
     t0 = time.monotonic()
+    # the plugin's status queries at the profile's 2 s, without its back-off (tests/slurm_status)
+    env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "slurm_status"),
+                                                                      cluster.env.get("PYTHONPATH")]))}
     with open(smk_log, "w") as out:
         # cwd = the work folder: .snakemake/ (and its slurm_logs) go there, not into the repo.
-        proc = subprocess.Popen(cmd, cwd=work, env=cluster.env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, umask=0o002)
         try:
             deadline = time.monotonic() + timeout
