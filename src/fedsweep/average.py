@@ -198,8 +198,9 @@ class Strategy:
             pieces.append((start, stop, copy[offset:offset + stop - start].copy_(client_weights[start:stop])))
             client_weights[start:stop].copy_(self.weights[start:stop])
             offset += stop - start
-        gathered, matrix = [], self.embedding.matrix
+        gathered = []
         for block in blocks:
+            matrix = self.embedding.matrix
             gathered.append((block, matrix(client_weights).index_select(0, block)))
             matrix(client_weights).index_copy_(0, block, matrix(self.weights).index_select(0, block))
 
