@@ -34,10 +34,18 @@ if (_threads := _worker_threads()) is not None:
     if "torch" in sys.modules:  # imported before this file: its pool may already be sized
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# The files of the longest end-to-end tests, scheduled first (pyproject's addopts keep pytest-xdist
-# to this order, file by file): while one worker runs the demo, the other takes the rest, and
-# the two end together rather than one finishing the demo alone.
+# The files of the longest end-to-end tests, scheduled first: while one worker runs the demo, the
+# other takes the rest, and the two end together rather than one finishing the demo alone.
 FIRST_FILES = ("test_workflow.py", "test_slurm.py", "test_input_changes.py")
+
+
+def pytest_configure(config):
+    """With ``-n`` and no ``--dist`` of the caller's: whole files to a worker (a module's fixtures,
+    the demo's run or the SLURM cluster, are set up once), in the order below, not xdist's."""
+    args = config.invocation_params.args
+    if getattr(config.option, "numprocesses", None) and not any(a.startswith("--dist") or a == "-d" for a in args):
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
