@@ -2,6 +2,7 @@
 
     python benchmarks/bench_server_ops.py                     # FedAdam, tiny-bert's 4.39M parameters, 1 thread
     python benchmarks/bench_server_ops.py --strategy fedavgm --threads 2
+    python benchmarks/bench_server_ops.py --chunks 32768 65536 131072 262144 524288   # the chunk size
 
 The real strategy (``fedsweep.strategies.build_strategy``) on a vector of the model's size: each
 round adds --clients client models (the global weights plus noise; not timed) and runs
@@ -9,7 +10,7 @@ round adds --clients client models (the global weights plus noise; not timed) an
 worker thread that takes half the chunks where torch's threads leave a core free
 (fedsweep.background.free_core) and without it; then, from torch.profiler on the one-thread step
 (the profiler sees the calling thread only), each torch op's self CPU time and calls per round.
-Also: the streaming speed of ``add_`` over vectors of the model's size, to compare the step's time
+``--chunks``: the wall times at other chunk sizes (``Strategy.CPU_CHUNK``) first. Also: the streaming speed of ``add_`` over vectors of the model's size, to compare the step's time
 with what its bytes would take.
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--chunks", type=int, nargs="*", default=[], help="also time these chunk sizes")
     a = p.parse_args()
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler start/stop lines
@@ -69,10 +71,13 @@ def main() -> None:
         return walls, totals, counts
 
     print(f"{a.strategy}: {a.parameters / 1e6:.2f}M parameters, {a.clients} clients per round, threads {a.threads}")
-    for worker in (True, False):
-        walls, _, _ = rounds(worker, profiled=False)
-        print(f"finish_round, {'worker where a core is free' if worker else 'one thread'}: best {walls[0] * 1e3:.1f} ms, "
-              f"median {walls[len(walls) // 2] * 1e3:.1f} ms over {a.rounds} rounds")
+    default_chunk = fedsweep.average.Strategy.CPU_CHUNK
+    for chunk in [*a.chunks, default_chunk] if a.chunks else [default_chunk]:
+        fedsweep.average.Strategy.CPU_CHUNK = chunk
+        for worker in (True, False):
+            walls, _, _ = rounds(worker, profiled=False)
+            print(f"chunk {chunk}, finish_round, {'worker where a core is free' if worker else 'one thread'}: "
+                  f"best {walls[0] * 1e3:.1f} ms, median {walls[len(walls) // 2] * 1e3:.1f} ms over {a.rounds} rounds")
     walls, totals, counts = rounds(False, profiled=True)
     print(f"one thread under torch.profiler (median {walls[len(walls) // 2] * 1e3:.1f} ms), per round:")
     print(f"{'op':<28}{'self ms':>10}{'calls':>8}")
