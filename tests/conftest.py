@@ -19,8 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _worker_threads() -> int | None:
     """Under pytest-xdist (``-n N``), each worker's share of the cores for torch's threads (theirs
     and their subprocesses'); None when not distributed. Two workers with torch's default (one
-    thread per core each) oversubscribe the cores: the suite took 1,013 s with them against 715 s
-    on one process and 600 s with a share each (2 cores)."""
+    thread per core each) oversubscribe the cores: the suite took 1,013 s with them, 680-715 s on
+    one process, and 519-555 s with a share each and the long files first (2 cores)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1:
         return None
