@@ -56,7 +56,6 @@ IMDB_STEPS = 25_000 * 2 // 32  # the paper's smallest round: IMDB, E=2, B=32
 
 def _minilm_step_seconds(model, flat, repeats: int = 3) -> float:
     """Seconds of one MiniLM SGD step at B=32 (AG News rows, dynamic padding up to 128)."""
-    import torch
     import torch.nn.functional as F
 
     from common import tokens_dir
@@ -263,7 +262,6 @@ def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: in
     from fedsweep.rounds import Federation
     from fedsweep.scaffold import ControlVariateStore, Scaffold
     from fedsweep.strategies import build_strategy
-    from fedsweep.tokens import TokenTensors
 
     torch.set_num_threads(threads)
     data, lengths, shards = cross_device_data(num_clients)
@@ -322,7 +320,8 @@ def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: in
 def _run_cross_device(k: int, algorithm: str, args) -> dict:
     out = subprocess.run([sys.executable, __file__, "cross-device", "--one", str(k), "--algorithms", algorithm,
                           "--rounds", str(args.rounds), "--per-round", str(args.per_round), "--threads",
-                          str(args.threads), "--repeats", str(args.repeats)], check=True, capture_output=True, text=True)
+                          str(args.threads), "--repeats", str(args.repeats), *(["--no-worker"] if args.no_worker else [])],
+                         check=True, capture_output=True, text=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["fed_rounds"] = {int(i): v for i, v in r["fed_rounds"].items()}
     r["central_rounds"] = {int(i): v for i, v in r["central_rounds"].items()}
@@ -501,6 +500,8 @@ def main() -> None:
                    help="cross-device: also run Flower's simulation at these numbers of clients (e.g. 1000)")
     p.add_argument("--flower-variants", nargs="+", choices=["quickstart", "reuse"], default=["quickstart", "reuse"],
                    help="quickstart: a model per message; reuse: one model per Ray actor")
+    p.add_argument("--no-worker", action="store_true",
+                   help="cross-device: no worker thread for the strategy (Strategy.submit, the server step)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.what == "server":
@@ -511,6 +512,9 @@ def main() -> None:
     elif a.what == "device":
         device(a)
     elif a.one:
+        if a.no_worker:  # every client's sums and the server step on the training thread
+            import fedsweep.average
+            fedsweep.average.free_core = lambda: False
         print(json.dumps(_cross_device_one(a.one, a.rounds, a.per_round, a.threads, a.algorithms[0], a.repeats)))
     else:
         a.clients = a.clients or [1000, 10000]
