@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,23 +15,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _worker_threads() -> int | None:
-    """Under pytest-xdist (``-n N``), each worker's share of the cores for torch's threads (theirs
-    and their subprocesses'); None when not distributed. Two workers with torch's default (one
-    thread per core each) oversubscribe the cores: the suite took 1,013 s with them, 680-715 s on
-    one process, and 519-555 s with a share each and the long files first (2 cores)."""
+def _share_cores_among_workers() -> None:
+    """Under pytest-xdist (``-n N``), torch's threads (this worker's and its subprocesses') are
+    its share of the cores, unless the caller set OMP_NUM_THREADS. Two workers with torch's
+    default (one thread per core each) oversubscribe the cores: the suite took 1,013 s with them,
+    680-715 s on one process, and 519-555 s with a share each and the long files first (2 cores)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
+        return
+    import torch
+
+    from fedsweep.background import usable_cores
+
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers))))
+    os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
 
 
-if (_threads := _worker_threads()) is not None:
-    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_name, str(_threads))
-    if "torch" in sys.modules:  # imported before this file: its pool may already be sized
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+_share_cores_among_workers()
 
 # The files of the longest end-to-end tests, scheduled first: while one worker runs the demo, the
 # other takes the rest, and the two end together rather than one finishing the demo alone.

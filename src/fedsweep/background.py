@@ -20,11 +20,15 @@ import torch
 T = TypeVar("T")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a SLURM job's allocation, not the
+    node's cores) where the platform has one."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def free_core() -> bool:
-    """Whether this process may use more cores than torch's intra-op threads (its CPU affinity:
-    a SLURM job's allocation, not the node's cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores > torch.get_num_threads()
+    """Whether this process may use more cores than torch's intra-op threads."""
+    return usable_cores() > torch.get_num_threads()
 
 
 def single_thread_pool(name: str) -> ThreadPoolExecutor:
