@@ -187,11 +187,11 @@ def _average_dense_vs_global(fed: Federation, round_: int) -> float:
     reference: dict[str, torch.Tensor] = {}
     add = inner.add
 
-    def capture(client_weights, num_examples, rows=None):  # each client's dense model, weighted as FedAvg's
+    def capture(client_weights, num_examples, rows=None, deferred=None):  # each client's dense model, weighted as FedAvg's
         w = num_examples / inner.total
         for name, dense in _dense(model, flat, client_weights).items():
             reference[name] = reference.get(name, 0) + w * dense
-        return add(client_weights, num_examples, rows)
+        return add(client_weights, num_examples, rows, deferred)
 
     inner.add = capture
     try:

@@ -146,23 +146,25 @@ def test_a_round_with_a_dense_client_steps_densely():
     assert torch.equal(mixed.weights, reference.weights)
 
 
-def _federation(client_update_for, *, by_rows: bool, groups: bool = False, strategy: str = "fedavg"):
+def _federation(client_update_for, *, by_rows: bool, groups: bool = False, strategy: str = "fedavg",
+                num_shards: int = 16, per_round: int = 4):
     rng = np.random.default_rng(0)
     n, width = 256, 24
     lengths = rng.integers(6, width + 1, n)
     ids = torch.from_numpy(rng.integers(1000, 30000, (n, width)))
     ids[torch.arange(width)[None, :] >= torch.from_numpy(lengths)[:, None]] = 0
     data = TokenTensors(ids, torch.from_numpy(lengths), torch.from_numpy(rng.integers(0, 4, n)), 0)
-    shards = [np.arange(k, n, 16) for k in range(16)]  # 16 clients of 16 rows
+    shards = [np.arange(k, n, num_shards) for k in range(num_shards)]  # 16 clients of 16 rows
     model = build_model("tiny-bert", 4, seed=0)
     flat = FlatParameters(model)
     server = build_strategy(strategy, flat.data.clone(), **SERVER)
     update = client_update_for(server.weights)
     fed = Federation(model, flat, server, update, data, lengths, shards, epochs=2, batch_size=8,
-                     protocol=PROTOCOLS["standard"], seed=0, lr=0.1, rounds=3, per_round=4,
+                     protocol=PROTOCOLS["standard"], seed=0, lr=0.1, rounds=3, per_round=per_round,
                      groups=ClientGroups(model, flat, 2) if groups else None)
     if not by_rows:
         server.use_rows(None)
+        update.use_rows(None, None, None)  # SCAFFOLD: its correction on every row
     return fed
 
 
@@ -261,7 +263,10 @@ def test_client_updates_that_move_every_row_are_added_densely(tmp_path):
         store = ControlVariateStore(tmp_path, 16, weights.numel(), weights.device)
         return Scaffold(ClientSettings(client="scaffold"), weights, store, background=False)
 
-    assert _federation(scaffold, by_rows=True).strategy.embedding is None
+    # SCAFFOLD's correction moves every row unless it leaves the other rows to the server
+    assert not scaffold(torch.zeros(4)).row_sparse
+    fed = _federation(scaffold, by_rows=True)
+    assert fed.strategy.embedding is not None and fed.client_update.row_sparse  # fedsweep.scaffold_rows
 
 
 def test_rows_longer_than_a_chunk_are_added_densely(monkeypatch):

@@ -23,6 +23,7 @@ from .background import done, free_core, single_thread_pool
 if TYPE_CHECKING:
     from .layers import LayerDrift
     from .row_support import EmbeddingRows
+    from .scaffold_rows import Deferred
 
 
 def chunk_size(device: torch.device) -> int:
@@ -152,7 +153,8 @@ class Strategy:
         return self._casts[lane][slot][:values.numel()].copy_(values)
 
     @torch.no_grad()
-    def add(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None) -> float:
+    def add(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None,
+            deferred: Deferred | None = None) -> float:
         """Add ``w_k u_k`` (``w_k = n_k / N``, ``u_k = x_k - x``, ``x`` the global weights) to the
         average's update and ``w_k u_k / ||u_k||`` to the direction ``d`` (a client with ``u_k = 0``
         adds nothing to ``d``); return ``||u_k||``, measured as :meth:`_update_sums` measures ``u``.
@@ -164,6 +166,9 @@ class Strategy:
         ``index_add_`` adds each row with the kernel of ``add_`` (``add_stub``), as the chunks' ``add_``
         adds them (tests/test_row_support.py: rows of 16 and of 13 elements).
 
+        ``deferred``: a part of ``u_k`` that ``client_weights`` do not hold (SCAFFOLD's rows,
+        :mod:`fedsweep.scaffold_rows`): in ``||u_k||``, and it adds its rows to the sums itself.
+
         Afterwards ``client_weights`` holds the global weights again, ready for the next client.
         """
         self.drain()  # a submitted add still summing on the worker comes first
@@ -171,13 +176,14 @@ class Strategy:
         matrix = self.embedding.matrix if blocks else None
         pieces = [(start, stop, client_weights[start:stop]) for start, stop in spans]  # u_k in place
         gathered = [(block, matrix(client_weights).index_select(0, block)) for block in blocks]
-        norm = self._accumulate(alpha, pieces, gathered, 0, reload=True)
+        norm = self._accumulate(alpha, pieces, gathered, 0, reload=True, deferred=deferred)
         for block, _ in gathered:
             matrix(client_weights).index_copy_(0, block, matrix(self.weights).index_select(0, block))
         return norm
 
     @torch.no_grad()
-    def submit(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None) -> Future:
+    def submit(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None,
+               deferred: Deferred | None = None) -> Future:
         """:meth:`add`, as a future of ``||u_k||``. On a CPU with a free core the sums are formed on a
         worker thread while the next client trains: this thread copies what the client changed (by
         rows: the vector around the matrix and its rows, 2-2.7 ms of work per tiny-bert client moved
@@ -187,7 +193,7 @@ class Strategy:
         a time, so one copy of each size is kept. :meth:`drain` waits for the sums."""
         worker = self._background()
         if worker is None or self._measuring():
-            return done(self.add(client_weights, num_examples, rows))
+            return done(self.add(client_weights, num_examples, rows, deferred))
         self.drain()  # the previous client is summed (it had the whole of this client's training)
         alpha, spans, blocks = self._enter(num_examples, rows)
         size = sum(b - a for a, b in spans)
@@ -206,7 +212,7 @@ class Strategy:
 
         def job() -> float:
             with torch.no_grad():
-                norm = self._accumulate(alpha, pieces, gathered, 1, reload=False)
+                norm = self._accumulate(alpha, pieces, gathered, 1, reload=False, deferred=deferred)
             self._copies[size] = copy
             return norm
 
@@ -232,12 +238,13 @@ class Strategy:
         spans = self.embedding.outside(self.chunk) if by_rows else list(self._spans())
         return alpha, spans, (self.embedding.blocks(rows, self.chunk) if by_rows else ())
 
-    def _accumulate(self, alpha: float, pieces: list, gathered: list, lane: int, reload: bool) -> float:
+    def _accumulate(self, alpha: float, pieces: list, gathered: list, lane: int, reload: bool,
+                    deferred: Deferred | None = None) -> float:
         """The sums of one add. ``pieces``: ``(start, stop, x)``, ``x`` the client's values of
         ``[start, stop)``; ``gathered``: ``(block, x)``, ``x`` the client's rows ``block``; every
         ``x`` becomes ``u_k`` (fp32). ``reload``: the pieces are views of the client's vector,
         which gets the global weights back (chunk by chunk: each ``u_k`` read once, while in cache).
-        ``lane``: the scratch buffers (0 on the training thread, 1 on the worker)."""
+        ``lane``: the scratch buffers (0 on the training thread, 1 on the worker). ``deferred``: see :meth:`add`."""
         measuring = self._measuring()
         squares = 0.0
         for index, (start, stop, x) in enumerate(pieces):
@@ -250,9 +257,15 @@ class Strategy:
             square, u = self._update_piece(x.view(-1), w.view(-1), alpha, None, lane)
             squares += square
             matrix(self.accum).index_add_(0, block, u.view(x.shape), alpha=alpha)  # as add_ adds (add_stub)
+        if deferred is not None:
+            squares += deferred.square
+            if measuring:
+                self.layers.add_square(deferred.offset, alpha * deferred.square)
         norm = math.sqrt(squares)
         # ||u_k|| is known only now: a second pass, over the fp32 u_k
         scale = alpha / norm if norm > 0 else 0.0
+        if deferred is not None:
+            deferred.apply(self.accum, self.direction, alpha, scale)
         for start, stop, u in pieces:
             if scale:
                 self.direction[start:stop].add_(u, alpha=scale)
@@ -274,6 +287,14 @@ class Strategy:
             self.layers.add_client(layer_index, u, alpha)
         x.sub_(w)
         return squares, u
+
+    def add_term(self, term: Callable[[torch.Tensor, torch.Tensor], bool]) -> None:
+        """Let ``term(accum, direction)`` add to the round's sums a part of the clients' updates
+        that no add carried (:meth:`fedsweep.scaffold_rows.DeferredRows.finish`), after every add;
+        where it says it added rows no client indexed, the server step reads every row."""
+        self.drain()
+        if term(self.accum, self.direction):
+            self._sparse_round = False
 
     def _spans(self):
         """The ``(start, stop)`` of every chunk: one chunking for every pass."""

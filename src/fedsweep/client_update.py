@@ -38,13 +38,17 @@ class LocalOptimizer:
 
     ``params`` are the leaf tensors autograd fills, viewing ``weights`` (a (P,) or (G, P) fp32
     buffer) through ``views``. ``anchor`` (FedProx) is the global weights, a (P,) vector; ``correction``
-    (SCAFFOLD) is ``c - c_i``, shaped like ``weights``. ``steps`` counts the steps taken.
+    (SCAFFOLD) is ``c - c_i``, shaped like ``weights``; ``row_correction`` ``(index, rows, values)``:
+    parameter ``index`` (the input embedding) is corrected on ``rows`` only, by ``values``, and not
+    by ``correction`` (:mod:`fedsweep.scaffold_rows`: ``index_add_`` adds each row as ``add_`` adds
+    it). ``steps`` counts the steps taken.
     """
 
     def __init__(self, params: list[torch.Tensor], weights: torch.Tensor,
                  views: Callable[[torch.Tensor], list[torch.Tensor]], *, lr: float, settings: ClientSettings,
                  anchor: torch.Tensor | None = None, prox_scratch: torch.Tensor | None = None,
-                 correction: torch.Tensor | None = None, adamw: torch.optim.Optimizer | None = None):
+                 correction: torch.Tensor | None = None, adamw: torch.optim.Optimizer | None = None,
+                 row_correction: tuple[int, torch.Tensor, torch.Tensor] | None = None):
         self.params, self.weights, self.lr, self.settings = params, weights, lr, settings
         self.steps = 0
         self.anchor = anchor
@@ -54,6 +58,7 @@ class LocalOptimizer:
             self.prox_views = views(prox_scratch)
         self.correction = correction
         self.correction_views = views(correction) if correction is not None else None
+        self.row_correction = row_correction
         self.adamw = adamw
         if adamw is not None:  # a fresh optimiser state: AdamW restarts for every client and round
             for group in adamw.param_groups:
@@ -73,7 +78,13 @@ class LocalOptimizer:
         live = [i for i, p in enumerate(params) if p.grad is not None]  # unused parameters stay as they are
         grads = [params[i].grad for i in live]
         if self.correction_views is not None:  # SCAFFOLD: g - c_i + c
-            torch._foreach_add_(grads, [self.correction_views[i] for i in live])
+            dense = live
+            if self.row_correction is not None:
+                skip, rows, values = self.row_correction
+                if params[skip].grad is not None:
+                    params[skip].grad.index_add_(0, rows, values)
+                dense = [i for i in live if i != skip]
+            torch._foreach_add_([params[i].grad for i in dense], [self.correction_views[i] for i in dense])
         if self.anchor is not None:  # FedProx: g + mu (w - w_global), rounded as written (mu x, then +)
             torch.sub(self.weights, self.anchor, out=self.prox_scratch).mul_(self.mu)
             torch._foreach_add_(grads, [self.prox_views[i] for i in live])
@@ -132,6 +143,14 @@ class ClientUpdate:
         ``w == w_global``); not AdamW's, whose decay and ``eps`` are not to be relied on there."""
         return self.settings.client_optimizer == "sgd"
 
+    def use_rows(self, embedding: Any, rows_of: Callable[[int], torch.Tensor | None], strategy: Any) -> bool:
+        """Offered by a run whose strategy can add clients by their input-embedding rows
+        (``embedding``, :class:`fedsweep.row_support.EmbeddingRows`; ``rows_of(client)``: the rows a
+        client indexes, or None): whether this update takes them (then it is :attr:`row_sparse`).
+        Only a client update whose correction would move other rows needs them (SCAFFOLD,
+        :mod:`fedsweep.scaffold_rows`); the others are row-sparse as they are."""
+        return False
+
     def begin_round(self, round_: int, lr: float, clients: Sequence[int], sizes: Sequence[int]) -> None:
         """``clients``: every client of the round (all ranks); ``sizes``: every client's shard size."""
         self.round, self.lr = round_, lr
@@ -163,8 +182,11 @@ class ClientUpdate:
         return {}
 
     def after_client(self, local: LocalOptimizer, row: int, client: int, weights: torch.Tensor,
-                     num_examples: int) -> None:
-        """Client ``client`` (row ``row`` of its group) finished training; ``weights`` are its model."""
+                     num_examples: int) -> Any:
+        """Client ``client`` (row ``row`` of its group) finished training; ``weights`` are its model.
+        Returns the part of its update that ``weights`` do not hold, for the strategy's add (a
+        :class:`fedsweep.scaffold_rows.Deferred`), or None."""
+        return None
 
     def finish_round(self) -> dict[str, float]:
         """Server-side work after the average; returns metrics (name -> value)."""

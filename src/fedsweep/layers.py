@@ -100,6 +100,7 @@ class LayerDrift:
     def __init__(self, names: Sequence[str], offsets: Sequence[int], size: int, chunk: int, device: torch.device):
         self.groups, runs = group_runs(names, offsets, size)
         self.active = False
+        self.chunk = chunk
         # per chunk: the (start, stop) pieces local to the chunk and their groups (a device index tensor)
         self.pieces: list[list[tuple[int, int]]] = []
         self.piece_groups: list[torch.Tensor] = []
@@ -128,6 +129,15 @@ class LayerDrift:
     def add_client(self, index: int, update: torch.Tensor, alpha: float) -> None:
         """Chunk ``index`` of a client's ``u_k`` (fp64), ``alpha = w_k``."""
         self._add(self.client_sq, index, update, None, alpha)
+
+    def add_square(self, offset: int, value: float) -> None:
+        """``value`` (a client's ``w_k ||.||^2`` of a part of ``u_k`` no chunk carried) to the group of
+        the element at ``offset``."""
+        index, local = divmod(offset, self.chunk)
+        for (start, stop), group in zip(self.pieces[index], self.piece_groups[index].tolist()):
+            if start <= local < stop:
+                self.client_sq[group] += value
+                return
 
     def add_average(self, index: int, update: torch.Tensor, weights: torch.Tensor) -> None:
         """Chunk ``index`` of ``u`` (fp64, after the all-reduce) and of the global weights (fp32)."""

@@ -195,17 +195,19 @@ class ExactAggregation:
         self._start = self.inner.weights.clone() if self._start is None else self._start.copy_(self.inner.weights)
 
     @torch.no_grad()
-    def add(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None) -> float:
+    def add(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None,
+            deferred=None) -> float:
         alpha = num_examples / self.inner.total
         views = self.views(client_weights)
         for m, product in zip(self.modules, self._product_views):
             # torch.mm, then add: the very operations finish_round uses for the product of the
             # averages, so at K=1 the residual is exactly zero (a centralised LoRA fine-tune).
             product.add_(torch.mm(views[m.b_index].double(), views[m.a_index].double()), alpha=alpha)
-        return self.inner.add(client_weights, num_examples, rows)
+        return self.inner.add(client_weights, num_examples, rows, deferred)
 
-    def submit(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None):
-        return done(self.add(client_weights, num_examples, rows))  # the products need the client's weights now
+    def submit(self, client_weights: torch.Tensor, num_examples: int, rows: torch.Tensor | None = None,
+               deferred=None):
+        return done(self.add(client_weights, num_examples, rows, deferred))  # the products need the client's weights now
 
     def drain(self) -> None:
         self.inner.drain()

@@ -162,10 +162,10 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
         for row, (loss, (client, weights, seen)) in enumerate(zip(losses, trained)):
             if not math.isfinite(loss):
                 stats.first_bad_client = min(stats.first_bad_client, client)
-            client_update.after_client(local, row, client, weights, len(shards[client]))
+            deferred = client_update.after_client(local, row, client, weights, len(shards[client]))
             weight = client_update.average_weight(len(shards[client]))  # n_k (SCAFFOLD uniform: 1)
             rows = embedding.client_rows(data.ids, shards[client]) if embedding is not None else None
-            added.append((strategy.submit(weights, weight, rows), weight / strategy.total, loss, seen))
+            added.append((strategy.submit(weights, weight, rows, deferred), weight / strategy.total, loss, seen))
         sync()
         stats.train_seconds += t1 - t0
         stats.aggregate_seconds += time.perf_counter() - t1
@@ -194,8 +194,12 @@ class Federation:
         self.per_round = per_round or len(shards)
         self.groups, self.rank, self.world = groups, rank, world
         self.loss_fn = batch_loss(model, bf16, compile)  # one compiled step for every client and round
-        if client_update.row_sparse:  # the server then adds each client by the rows it indexed
-            row_support.attach(strategy, model, flat)
+        # the server then adds each client by the rows it indexed; SCAFFOLD restricts its
+        # correction to them (fedsweep.scaffold_rows) where the strategy can
+        embedding = row_support.attach(strategy, model, flat)
+        if embedding is None or not (client_update.row_sparse or client_update.use_rows(
+                embedding, lambda k: embedding.client_rows(data.ids, shards[k]), row_support.base(strategy))):
+            row_support.detach(strategy)
 
     def round_clients(self, round_: int) -> list[int]:
         """Every client of round ``round_`` (all ranks)."""

@@ -10,10 +10,11 @@ the rest of the vector and those rows: about a sixth of the bytes in that sweep.
 adds are the dense add's to the bit (an unchanged row adds ``alpha * 0``); only the order in which
 norms are summed differs (:mod:`tests.test_row_support`).
 
-Which client updates qualify is theirs to say (``ClientUpdate.row_sparse``: not SCAFFOLD, whose
-correction ``c - c_i`` moves every row, nor AdamW); :class:`Federation <fedsweep.rounds.Federation>`
-attaches the rows to the strategy (:func:`attach`) only for those, and only for a model whose
-input embedding is trainable and not tied to another layer.
+Which client updates qualify is theirs to say (``ClientUpdate.row_sparse``: not AdamW; SCAFFOLD,
+whose correction ``c - c_i`` would move every row, once it leaves the other rows to the server,
+:mod:`fedsweep.scaffold_rows`); :class:`Federation <fedsweep.rounds.Federation>` attaches the rows to
+the strategy (:func:`attach`) only for those, and only for a model whose input embedding is
+trainable and not tied to another layer.
 """
 
 from __future__ import annotations
@@ -77,9 +78,18 @@ class EmbeddingRows:
         return rows if 2 * rows.numel() <= self.rows else None
 
 
+def base(strategy: Any) -> Any:
+    """The strategy that sums (the one a wrapper such as :class:`fedsweep.lora.ExactAggregation` holds in ``inner``)."""
+    return getattr(strategy, "inner", strategy)
+
+
 def attach(strategy: Any, model: torch.nn.Module, flat: FlatParameters) -> EmbeddingRows | None:
-    """Let ``strategy`` (or the one a wrapper such as :class:`fedsweep.lora.ExactAggregation` holds in
-    ``inner``) add clients by their rows; returns the rows, None where the model has none."""
-    base = getattr(strategy, "inner", strategy)
-    base.use_rows(EmbeddingRows.of(model, flat))
-    return base.embedding
+    """Let ``strategy`` (its :func:`base`) add clients by their rows; returns the rows, None where the
+    model has none."""
+    base(strategy).use_rows(EmbeddingRows.of(model, flat))
+    return base(strategy).embedding
+
+
+def detach(strategy: Any) -> None:
+    """``strategy`` adds every client densely (a client update that moves other rows)."""
+    base(strategy).use_rows(None)

@@ -4,12 +4,16 @@
 device) and one control variate ``c_i`` per client, on disk (:class:`ControlVariateStore`; the
 latest ones also in host memory up to ``DEFAULT_MEMORY_MIB``, files written by a background
 thread), updated with the paper's option II. Its local optimiser
-(:class:`fedsweep.client_update.LocalOptimizer`) adds ``c - c_i`` to every step's gradient. A run
-gets it by name from ``CLIENT_UPDATES`` (:mod:`fedsweep.clients`).
+(:class:`fedsweep.client_update.LocalOptimizer`) adds ``c - c_i`` to every step's gradient: on the
+input-embedding rows a client indexes and the rest of the model, where the model and strategy
+allow it (:meth:`Scaffold.use_rows`), the server applying it on the client's other rows in closed
+form (:mod:`fedsweep.scaffold_rows`). A run gets it by name from ``CLIENT_UPDATES``
+(:mod:`fedsweep.clients`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch
 from . import FedsweepError
 from .client_update import ClientSettings, ClientUpdate, LocalOptimizer
 from .background import free_core, single_thread_pool
+from .scaffold_rows import CompactVectors, Deferred, DeferredRows
 from .scaffold_store import DEFAULT_MEMORY_MIB, ControlVariateStore
 
 
@@ -50,13 +55,23 @@ class Scaffold(ClientUpdate):
     ranks, and ``c`` is a difference of such sums: its last bits would show.) At K=1, ``c = c_1``
     to the bit after every round, so the correction ``c - c_1`` is exactly 0: SGD.
 
+    Rows (:meth:`use_rows`, which a :class:`~fedsweep.rounds.Federation` calls where the strategy adds
+    clients by their input-embedding rows): a client's correction covers the rows its shard's
+    tokens index and the rest of the vector, and its ``c_i+`` is stored as those rows
+    (:class:`~fedsweep.scaffold_rows.CompactVectors`: ~2.4 MB instead of 17.5 MB for tiny-bert in a
+    cross-device sweep); the other rows' correction, ``-S_i eta (c - c_i)``, is added to the
+    average in closed form by :class:`~fedsweep.scaffold_rows.DeferredRows`. The same algorithm, to
+    float rounding (tests/test_scaffold_rows.py); a client that indexes over half the vocabulary is
+    corrected and stored densely.
+
     Device memory: ``c``, a correction buffer ``c - c_i`` (G of them for a group), two fp32
     scratch vectors and one fp64 accumulator: 6 x 4 bytes x parameters, flat in K. Per client and
     round: one file read and one written (several ranks: 2 more reads per client of the round,
     on every rank, after it; page cache: the files were just written).
 
     One process on the CPU with a core its training threads leave free (``background``, the
-    default; :func:`fedsweep.background.free_core`) moves the per-client work off the training thread, onto one background thread that runs the same torch ops in the same order
+    default; :func:`fedsweep.background.free_core`) moves the per-client work off the training
+    thread, onto one background thread that runs the same torch ops in the same order
     (clients in the order they finish, one at a time): while a client trains, it reads the next
     client's ``c_i`` (from the store's memory or its file) and computes its ``c - c_i``; after a
     client, the training thread only computes ``x - y_i`` (``y_i`` is overwritten by the next
@@ -68,7 +83,6 @@ class Scaffold(ClientUpdate):
     """
 
     name = "scaffold"
-    row_sparse = False  # the correction c - c_i moves every row
 
     def __init__(self, settings: ClientSettings, global_weights: torch.Tensor, store: ControlVariateStore,
                  world: int = 1, background: bool = True):
@@ -79,7 +93,6 @@ class Scaffold(ClientUpdate):
         self.c = torch.zeros(size, device=device)
         self.accum = torch.zeros(size, dtype=torch.float64, device=device)
         self.old = torch.empty(size, device=device)
-        self.old_client = -1  # whose c_i `old` holds
         self.sizes: list[int] = []
         self.q = torch.empty(size, device=device)
         self._corrections: dict[int, torch.Tensor] = {}
@@ -97,6 +110,22 @@ class Scaffold(ClientUpdate):
         self._spare: list[torch.Tensor] = []  # free model-sized fp32 vectors
         self._next: tuple[int, torch.Tensor, Future] | None = None  # (client, its c - c_i buffer, c_i's future)
         self._training: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # client -> (c - c_i, c_i)
+        # the rows a client does not index, corrected by the server (fedsweep.scaffold_rows; use_rows)
+        self.deferred: DeferredRows | None = None
+        self.strategy = None
+        self._embedding_index: int | None = None  # the input embedding's place in the parameter list
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # recycled buffers' views (rows mode)
+
+    @property
+    def row_sparse(self) -> bool:
+        """With :meth:`use_rows`: the correction moves only the rows a client indexes."""
+        return self.deferred is not None
+
+    def use_rows(self, embedding, rows_of, strategy) -> bool:
+        fits = embedding is not None and CompactVectors.fits(embedding)
+        self.deferred = DeferredRows(embedding, self.c, rows_of) if fits else None
+        self.strategy = strategy
+        return self.deferred is not None
 
     @classmethod
     def build(cls, settings: ClientSettings, global_weights: torch.Tensor, *, out_dir: Path, num_clients: int,
@@ -123,7 +152,9 @@ class Scaffold(ClientUpdate):
     def summary(self) -> dict[str, Any]:
         store = self.store
         return {"control_variates": {"folder": str(store.folder), "clients_stored": int((store.versions > 0).sum()),
-                                     "bytes": store.disk_bytes(), "memory_budget_bytes": store.budget}}
+                                     "bytes": store.disk_bytes(), "memory_budget_bytes": store.budget,
+                                     # fedsweep.scaffold_rows: the rows a client does not index, by the server
+                                     "rows_corrected_by_server": self.deferred is not None}}
 
     def begin_round(self, round_: int, lr: float, clients: Sequence[int], sizes: Sequence[int]) -> None:
         self._drain()
@@ -132,44 +163,68 @@ class Scaffold(ClientUpdate):
         self.sizes = list(sizes)
         self.total = sum(self.average_weight(n) for n in sizes)
         self.accum.copy_(self.c)
-        self.old_client = -1
+        if self.deferred is not None:
+            self.deferred.begin_round()
         if self.pipelined and self.clients:
             self._prefetch(self.clients[0])
 
-    # --- the pipeline (one process on the CPU) ---------------------------------------------------
+    # --- one client's vectors (on the background thread where there is one) ----------------------
 
     def _vector(self) -> torch.Tensor:
         return self._spare.pop() if self._spare else torch.empty_like(self.c)
 
-    def _prefetch(self, client: int) -> None:
-        """On the background thread: ``c_i`` of ``client`` and ``c - c_i`` into a free vector."""
-        out = self._vector()
+    def _get(self, client: int, version: int | None = None) -> torch.Tensor | None:
+        """``c_i`` of ``client`` as stored (dense or packed; None: 0), on the device."""
+        value = self.store.get(client, version)
+        return value if value is None or value.device == self.c.device else value.to(self.c.device)
 
-        def job() -> torch.Tensor | None:
-            old = self.store.get(client)
-            if old is None:  # c - 0 = c, to the bit
-                out.copy_(self.c)
-            else:
-                torch.sub(self.c, old, out=out)
-            return old
+    def _rows(self, client: int) -> torch.Tensor | None:
+        """The rows ``client``'s correction covers (fedsweep.scaffold_rows), None: every row."""
+        return self.deferred.rows(client) if self.deferred is not None else None
 
-        self._next = (client, out, self._worker.submit(job))
+    def _dense(self, value: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """A stored ``c_i`` (None: 0) as a dense vector in ``out``."""
+        if self.deferred is not None:
+            return self.deferred.compact.dense(value, out)
+        return out.zero_() if value is None else out.copy_(value)
 
-    def _take(self, client: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(``c - c_i``, ``c_i``) of ``client``: prefetched, or computed here."""
-        nxt, self._next = self._next, None
-        if nxt is not None:
-            if nxt[0] == client:
-                return nxt[1], nxt[2].result()
-            nxt[2].result()  # a wrong guess (client groups): its vector is free again
-            self._spare.append(nxt[1])
-        out = self._vector()
-        old = self.store.get(client)
-        if old is None:
+    def _correction(self, client: int, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``c - c_i`` of ``client`` into ``out``; returns (``c_i`` as stored, the values of its rows:
+        then ``out`` holds the correction around the matrix and on those rows only)."""
+        old = self._get(client)
+        rows = self._rows(client)
+        if rows is not None:
+            return old, self.deferred.compact.correction(self.c, old, rows, out)
+        if old is None:  # c - 0 = c, to the bit
             out.copy_(self.c)
         else:
             torch.sub(self.c, old, out=out)
-        return out, old
+        return old, None
+
+    def _prefetch(self, client: int) -> None:
+        """On the background thread: ``c_i`` of ``client`` and ``c - c_i`` into a free vector."""
+        out = self._vector()
+        self._next = (client, out, self._worker.submit(self._correction, client, out))
+
+    def _take(self, client: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(``c - c_i``, ``c_i``, its rows' values) of ``client``: prefetched, or computed here."""
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            if nxt[0] == client:
+                return (nxt[1], *nxt[2].result())
+            nxt[2].result()  # a wrong guess (client groups): its vector is free again
+            self._spare.append(nxt[1])
+        out = self._vector()
+        return (out, *self._correction(client, out))
+
+    def _run(self, job: Callable[..., None], *args) -> None:
+        """``job(*args)`` on the background thread (at most two queued), or here."""
+        if not self.pipelined:
+            job(*args)
+            return
+        while len(self._jobs) >= 2:  # bounded: the training thread is rarely this far ahead
+            self._jobs.popleft().result()
+        self._jobs.append(self._worker.submit(job, *args))
 
     def _drain(self) -> None:
         """Wait for the background work (and raise its errors)."""
@@ -181,77 +236,101 @@ class Scaffold(ClientUpdate):
         while self._jobs:
             self._jobs.popleft().result()
 
-    def _finish_client(self, client: int, q: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None,
+    def _finish_client(self, client: int, q: torch.Tensor, correction: torch.Tensor, old: torch.Tensor | None,
                        steps_lr: float, owned: bool) -> None:
-        """On the background thread: ``c_i+`` into ``new`` (holding ``c - c_i``), to the store and the sum."""
-        q.div_(steps_lr)
-        torch.sub(q, new, out=new)  # c_i+ = q - (c - c_i), rounded to fp32 as it is stored
-        self.store.put(client, self.round, new, owned=owned)
-        self._add(client, new, old)
-        self._spare.append(q)
+        """``c_i+ = q / (S eta) - (c - c_i)`` from ``q = x - y_i`` (packed where the client has rows;
+        else into ``correction``), to the store and (one process) c's sum."""
+        if q.numel() != self.c.numel():  # packed: c_i+ in place of q
+            new = self.deferred.compact.new_variate(q, correction, steps_lr)
+            self.store.put(client, self.round, new, owned=True)
+            if owned:
+                self._spare.append(correction)
+        else:
+            q.div_(steps_lr)
+            torch.sub(q, correction, out=correction)  # c_i+ = q - (c - c_i), rounded to fp32 as it is stored
+            new = correction
+            self.store.put(client, self.round, new, owned=owned)
+            self._spare.append(q)
+        if self.world == 1:  # clients come in ascending order: sum as they finish
+            self._add(client, new, old)
 
     def average_weight(self, num_examples: int) -> int:
         return 1 if self.uniform else num_examples
 
     @torch.no_grad()
     def optimizer(self, params, weights, views, clients):
-        g = len(clients)
-        if self.pipelined and g == 1 and weights.dim() == 1:
+        if weights.dim() == 1:  # one client
             client = clients[0]
-            correction, old = self._take(client)
+            correction, old, values = self._take(client)
             self._training[client] = (correction, old)
             later = [k for k in self.clients if k > client]
-            if later:
+            if self.pipelined and later:
                 self._prefetch(later[0])
-            return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings, correction=correction)
+            by_rows = None
+            if values is not None:  # the embedding's gradient is corrected on the client's rows only
+                if self._embedding_index is None:  # the same layout for every client
+                    matrix = self.deferred.embedding.matrix(correction).data_ptr()
+                    self._embedding_index = next(i for i, v in enumerate(views(correction)) if v.data_ptr() == matrix)
+                by_rows = (self._embedding_index, self._rows(client), values)
+                views = self._recycled_views(views)
+            return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings, correction=correction,
+                                  row_correction=by_rows)
         self._drain()  # a group's buffer is reused: the background thread must be done with it
+        g = len(clients)
         if g not in self._corrections:
-            self._corrections[g] = torch.empty(g, self.c.numel(), device=self.c.device) if weights.dim() == 2 \
-                else torch.empty_like(self.c)
+            self._corrections[g] = torch.empty(g, self.c.numel(), device=self.c.device)
         correction = self._corrections[g]
-        rows = correction if correction.dim() == 2 else correction[None]
-        for row, client in zip(rows, clients):
-            self.store.read(client, row)  # c_i
-            if g == 1:  # kept for the sum of c's update
-                self.old.copy_(row)
-                self.old_client = client
-            torch.sub(self.c, row, out=row)  # c - c_i
+        for row, client in zip(correction, clients):
+            torch.sub(self.c, self._dense(self._get(client), row), out=row)  # c - c_i
+            if self.deferred is not None:
+                self.deferred.restrict(row, client)
         return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings, correction=correction)
 
     @torch.no_grad()
-    def after_client(self, local, row, client, weights, num_examples):
-        if self.pipelined:
-            q = self._vector()
-            # q = x - y_i now (the next client overwrites y_i), / (steps lr) on the background thread
-            torch.sub(self.global_weights, weights, out=q)
-            if client in self._training:
-                new, old = self._training.pop(client)
-                owned = True
-            else:  # a row of a group: c_i again (the version before this round)
-                new, old, owned = local.correction[row], self.store.get(client), False
-            while len(self._jobs) >= 2:  # bounded: the training thread is rarely this far ahead
-                self._jobs.popleft().result()
-            self._jobs.append(self._worker.submit(self._finish_client, client, q, new, old,
-                                                  local.steps * self.lr, owned))
-            return
-        new = local.correction if local.correction.dim() == 1 else local.correction[row]
-        q = self.q
-        # q = (x - y_i) / (steps lr): the client's mean corrected gradient
-        torch.sub(self.global_weights, weights, out=q).div_(local.steps * self.lr)
-        # c_i+ = c_i - c + q = q - (c - c_i), rounded to fp32 as it is stored
-        torch.sub(q, new, out=new)
-        self.store.write(client, self.round, new)
-        if self.world == 1:  # clients come in ascending order: sum as they finish
-            if self.old_client != client:
-                self.store.read(client, self.old)
-            self._add(client, new, self.old)
-            self.old_client = -1
+    def after_client(self, local, row, client, weights, num_examples) -> Deferred | None:
+        """``c_i+`` of ``client`` (to the store and c's sum); returns what the server corrects."""
+        if client in self._training:
+            correction, old = self._training.pop(client)
+            owned = True
+        else:  # a row of a group: c_i again (the version before this round)
+            correction, old, owned = local.correction[row], self._get(client), False
+        deferred = self._deferred(client, old, local.steps)
+        rows = self._rows(client)
+        # q = x - y_i now (the next client overwrites y_i), / (steps lr) in _finish_client
+        if rows is not None:
+            q = self.deferred.compact.difference(self.global_weights, weights, rows)
+        else:
+            q = torch.sub(self.global_weights, weights, out=self._vector())
+        self._run(self._finish_client, client, q, correction, old, local.steps * self.lr, owned)
+        return deferred
+
+    def _recycled_views(self, views: Callable[[torch.Tensor], list]) -> Callable[[torch.Tensor], list]:
+        """``views``, remembered for the few correction buffers that rows mode recycles (a model's
+        ~100 views cost ~0.7 ms per client to make)."""
+        def cached(vector: torch.Tensor) -> list:
+            key = (vector.data_ptr(), vector.numel())
+            if key not in self._views:
+                if len(self._views) >= 4:  # the spare pool holds 2-3: an unexpected one replaces the oldest
+                    self._views.pop(next(iter(self._views)))
+                self._views[key] = views(vector)
+            return self._views[key]
+        return cached
+
+    def _deferred(self, client: int, old: torch.Tensor | None, steps: int) -> Deferred | None:
+        return self.deferred.client(client, old, steps * self.lr) if self.deferred is not None else None
 
     def _add(self, client: int, new: torch.Tensor, old: torch.Tensor | None) -> None:
-        """accum += w_i (c_i+ - c_i), chunk by chunk in float64 (``old`` None: c_i = 0; x - 0 = x)."""
+        """accum += w_i (c_i+ - c_i), in float64 (``old`` None: c_i = 0; x - 0 = x): packed vectors
+        on their rows, dense ones chunk by chunk."""
         alpha = self.average_weight(self.sizes[client]) / self.total
-        for start in range(0, self.c.numel(), self.chunk):
-            stop = min(start + self.chunk, self.c.numel())
+        size = self.c.numel()
+        if new.numel() != size and (old is None or old.numel() != size):
+            self.deferred.compact.add64(self.accum, new, old, alpha, self._cast)
+            return
+        new = new if new.numel() == size else self._dense(new, self.q)
+        old = old if old is None or old.numel() == size else self._dense(old, self.old)
+        for start in range(0, size, self.chunk):
+            stop = min(start + self.chunk, size)
             cast = self._cast[:stop - start].copy_(new[start:stop])
             if old is not None:
                 cast.sub_(old[start:stop])
@@ -261,14 +340,17 @@ class Scaffold(ClientUpdate):
     def finish_round(self) -> dict[str, float]:
         """``c <- c + sum_i w_i (c_i+ - c_i)`` over the round's clients, in client order."""
         self._drain()
+        if self.deferred is not None:  # with the round's c, before it changes
+            self.strategy.add_term(self.deferred.finish)
         if self.world > 1:
             self.accum.copy_(self.c)
             for client in self.clients:  # ascending: the order of one process
-                self.store.read(client, self.q, version=self.round)
-                self.store.read(client, self.old)  # the version before this round (never trained: 0)
-                self._add(client, self.q, self.old)
+                # this round's c_i+ and the version before it (never trained: None, 0)
+                self._add(client, self._get(client, version=self.round), self._get(client))
         self.c.copy_(self.accum)
         self.store.commit_round(self.clients, self.round)
+        if self.deferred is not None:  # ||c||^2 by rows: the next round's row norms, and the rest
+            return {"control_variate_norm": math.sqrt(self.deferred.measure())}
         return {"control_variate_norm": float(torch.linalg.vector_norm(self.c))}
 
     def state_dict(self) -> dict:
@@ -284,6 +366,8 @@ class Scaffold(ClientUpdate):
         self._drain()
         self.store.forget()
         self.c.copy_(state["c"])
+        if self.deferred is not None:
+            self.deferred.stale()
         self.store.versions[:] = state["versions"].numpy()
 
     def commit(self, saved: bool) -> None:

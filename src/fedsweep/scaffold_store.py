@@ -1,6 +1,7 @@
 """SCAFFOLD's per-client control variates: :class:`ControlVariateStore`.
 
-One model-sized fp32 vector per client, in a file per (client, round) in the run folder, the
+One fp32 vector per client (the model's size, or shorter: the rows of
+:class:`fedsweep.scaffold_rows.CompactVectors`), in a file per (client, round) in the run folder, the
 latest also in host memory up to ``memory_mib`` (least recently used dropped first; beyond it
 they are read back from their files: memory flat in the number of clients). Files are written
 by a background thread (at most ``MAX_PENDING_WRITES`` in flight); :meth:`~ControlVariateStore.flush`
@@ -64,6 +65,7 @@ class ControlVariateStore:
         self.superseded: list[tuple[int, int]] = []  # (client, round) files to delete after the next save
         self.budget = max(0, int(memory_mib * 2 ** 20))
         self._held: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()  # (client, round) -> host fp32
+        self._held_bytes = 0
         self._pending: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # written in the background
         self._writes: deque[Future] = deque()
         self._lock = threading.Lock()
@@ -73,7 +75,7 @@ class ControlVariateStore:
         return self.folder / f"c{client}.r{round_}.f32"
 
     def held_bytes(self) -> int:
-        return len(self._held) * self.size * 4
+        return self._held_bytes
 
     def get(self, client: int, version: int | None = None) -> torch.Tensor | None:
         """``c_i`` of ``client`` (the current one, or that of round ``version``) as a host fp32 vector
@@ -90,19 +92,25 @@ class ControlVariateStore:
             if held is not None:
                 self._held.move_to_end(key)
                 return held
-        value = torch.empty(self.size, dtype=torch.float32)
-        self._read_file(key, value)
-        return value
+        return self._read_file(key)
 
-    def _read_file(self, key: tuple[int, int], out: torch.Tensor) -> None:
+    def _read_file(self, key: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The file's vector, into ``out`` (which it must fill) or a new host vector of its length
+        (a vector of SCAFFOLD's rows, :class:`fedsweep.scaffold_rows.CompactVectors`, is shorter
+        than the model)."""
         path = self.path(*key)
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if out is None:
+                out = torch.empty(size // 4, dtype=torch.float32)
             read = f.readinto(memoryview(out.numpy()).cast("B"))
-        if read != self.size * 4:
-            raise RuntimeError(f"{path}: {read} bytes, expected {self.size * 4}")
+        if read != out.numel() * 4 or size != read:
+            raise RuntimeError(f"{path}: {size} bytes, expected {out.numel() * 4}")
+        return out
 
     def read(self, client: int, out: torch.Tensor, version: int | None = None) -> None:
-        """``c_i`` of ``client`` into ``out`` (a device vector): the current one, or that of round ``version``."""
+        """``c_i`` of ``client`` into ``out`` (a device vector of its length): the current one, or that of
+        round ``version``."""
         version = int(self.versions[client]) if version is None else version
         if version == 0:
             out.zero_()
@@ -128,7 +136,7 @@ class ControlVariateStore:
         if owned and value.device.type == "cpu" and value.is_contiguous():
             host = value
         else:
-            host = torch.empty(self.size, dtype=torch.float32)
+            host = torch.empty(value.numel(), dtype=torch.float32)
             host.copy_(value)
         key = (client, round_)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -141,12 +149,19 @@ class ControlVariateStore:
             with self._lock:
                 self._pending[key] = (host, token)
             self._writes.append(self._io.submit(self._write_file, key, host, token))
-        if self.budget >= self.size * 4:
+        if self.budget >= host.numel() * 4:
             with self._lock:
+                self._drop(key)
                 self._held[key] = host
-                self._held.move_to_end(key)
-                while len(self._held) * self.size * 4 > self.budget:
-                    self._held.popitem(last=False)
+                self._held_bytes += host.numel() * 4
+                while self._held_bytes > self.budget:
+                    self._drop(next(iter(self._held)))
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        """Stop holding ``key``'s variate (the lock held)."""
+        dropped = self._held.pop(key, None)
+        if dropped is not None:
+            self._held_bytes -= dropped.numel() * 4
 
     def _write_file(self, key: tuple[int, int], host: torch.Tensor, token: object = None) -> None:
         try:
@@ -171,7 +186,7 @@ class ControlVariateStore:
             if old not in (0, round_):
                 self.superseded.append((client, old))
                 with self._lock:
-                    self._held.pop((client, old), None)
+                    self._drop((client, old))
             self.versions[client] = round_
 
     def forget(self) -> None:
@@ -179,6 +194,7 @@ class ControlVariateStore:
         self.flush()
         with self._lock:
             self._held.clear()
+            self._held_bytes = 0
 
     def close(self) -> None:
         self.flush()
@@ -218,4 +234,5 @@ class ControlVariateStore:
         return [self.path(k, int(v)) for k, v in enumerate(self.versions) if v > 0 and not self.path(k, int(v)).exists()]
 
     def disk_bytes(self) -> int:
-        return int((self.versions > 0).sum()) * self.size * 4
+        self.flush()
+        return sum(self.path(k, int(v)).stat().st_size for k, v in enumerate(self.versions) if v > 0)
