@@ -168,7 +168,7 @@ def clients(args) -> None:
             "sgd": ClientUpdate(ClientSettings(), global_weights),
             "fedprox": FedProx(ClientSettings(client="fedprox", mu=0.01), global_weights),
             "scaffold": Scaffold(ClientSettings(client="scaffold"), global_weights,
-                                 ControlVariateStore(Path(tmp) / "cv", 4, len(flat), flat.data.device)),
+                                 ControlVariateStore(Path(tmp) / "cv", 4)),
             "adamw": ClientUpdate(ClientSettings(client_optimizer="adamw"), global_weights),
         }
         # Per step, interleaved: each variant takes the same batch in turn (the first batch is a warm-up),
@@ -274,7 +274,7 @@ def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: in
                               beta1=0.9, beta2=0.99, tau=1e-3)
     if name == "scaffold":
         update = Scaffold(ClientSettings(client="scaffold"), strategy.weights,
-                          ControlVariateStore(tmp.name, num_clients, len(flat), flat.data.device))
+                          ControlVariateStore(tmp.name, num_clients))
     else:
         update = ClientUpdate(ClientSettings(), strategy.weights)
     fed = Federation(model, flat, strategy, update, data, lengths, shards, epochs=1, batch_size=16,
@@ -441,7 +441,7 @@ def device(args) -> None:
                         **server_settings})
                     if settings.client == "scaffold":
                         update = Scaffold(settings, strategy.weights, ControlVariateStore(
-                            Path(tmp) / f"{name}-{group}-{where.type}", 4, len(flat), where))
+                            Path(tmp) / f"{name}-{group}-{where.type}", 4))
                     else:
                         update = (FedProx if settings.client == "fedprox" else ClientUpdate)(settings, strategy.weights)
                     lr = 2e-3 if settings.client_optimizer == "adamw" else 0.05

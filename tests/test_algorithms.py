@@ -365,8 +365,7 @@ def test_scaffold_reaches_the_centralised_optimum_where_fedavg_drifts(tmp_path):
             flat = FlatParameters(model)
             strategy = build_strategy("fedavg", flat.data.clone())
             settings = ClientSettings(client=client)
-            update = Scaffold(settings, strategy.weights, ControlVariateStore(tmp_path / client, 4, len(flat),
-                                                                               flat.data.device)) \
+            update = Scaffold(settings, strategy.weights, ControlVariateStore(tmp_path / client, 4)) \
                 if client == "scaffold" else ClientUpdate(settings, strategy.weights)
             fed = Federation(model, flat, strategy, update, data, data.lengths.numpy(), shards, epochs=10,
                              batch_size=50, protocol=PROTOCOLS["standard"], seed=0, lr=1.0, rounds=60)

@@ -207,7 +207,7 @@ def test_clients_summed_on_a_worker_thread_give_the_same_bits(monkeypatch, tmp_p
     def update(weights, folder):
         if case != "scaffold":
             return ClientUpdate(ClientSettings(), weights)
-        store = ControlVariateStore(tmp_path / folder, 16, weights.numel(), weights.device)
+        store = ControlVariateStore(tmp_path / folder, 16)
         return Scaffold(ClientSettings(client="scaffold"), weights, store)
 
     feds = {}
@@ -260,7 +260,7 @@ def test_client_updates_that_move_every_row_are_added_densely(tmp_path):
     assert FedProx(ClientSettings(client="fedprox", mu=0.1), torch.zeros(4)).row_sparse
 
     def scaffold(weights):
-        store = ControlVariateStore(tmp_path, 16, weights.numel(), weights.device)
+        store = ControlVariateStore(tmp_path, 16)
         return Scaffold(ClientSettings(client="scaffold"), weights, store, background=False)
 
     # SCAFFOLD's correction moves every row unless it leaves the other rows to the server

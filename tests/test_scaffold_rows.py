@@ -21,7 +21,7 @@ METRICS = ("train_loss", "client_update_norm", "client_drift_max", "mean_update_
 
 def _scaffold(folder, background: bool = False):
     def build(weights):
-        store = ControlVariateStore(folder, 16, weights.numel(), weights.device)
+        store = ControlVariateStore(folder, 16)
         return Scaffold(ClientSettings(client="scaffold"), weights, store, background=background)
     return build
 

@@ -30,7 +30,7 @@ def free_core(monkeypatch):
 
 
 def _store(folder: Path, **kw) -> ControlVariateStore:
-    return ControlVariateStore(folder, 8, SIZE, torch.device("cpu"), **kw)
+    return ControlVariateStore(folder, 8, **kw)
 
 
 def _file(store: ControlVariateStore, client: int, round_: int) -> torch.Tensor:
@@ -135,8 +135,7 @@ class _Run:
         self.model = _micro_bert()
         self.flat = FlatParameters(self.model)
         self.strategy = build_strategy("fedavg", self.flat.data.clone())
-        self.store = ControlVariateStore(folder, len(self.shards), len(self.flat), torch.device("cpu"),
-                                         background=background, **store)
+        self.store = ControlVariateStore(folder, len(self.shards), background=background, **store)
         self.update = Scaffold(ClientSettings(client="scaffold", scaffold_weighting=weighting),
                                self.strategy.weights, self.store, background=background)
         assert self.update.pipelined == background

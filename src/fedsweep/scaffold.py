@@ -133,8 +133,8 @@ class Scaffold(ClientUpdate):
         """With its control variates in ``out_dir/scaffold``, beside the checkpoint that names their versions.
         Several ranks write synchronously: every rank reads the round's files after it."""
         memory_mib = getattr(settings, "scaffold_memory_mib", DEFAULT_MEMORY_MIB)
-        store = ControlVariateStore(Path(out_dir) / "scaffold", num_clients, global_weights.numel(), device,
-                                    writer=writer, memory_mib=memory_mib, background=world == 1)
+        store = ControlVariateStore(Path(out_dir) / "scaffold", num_clients, writer=writer, memory_mib=memory_mib,
+                                    background=world == 1)
         return cls(settings, global_weights, store, world=world)
 
     def prepare(self, checkpoint: Path, log: Callable[[str], None]) -> None:
@@ -181,6 +181,10 @@ class Scaffold(ClientUpdate):
     def _rows(self, client: int) -> torch.Tensor | None:
         """The rows ``client``'s correction covers (fedsweep.scaffold_rows), None: every row."""
         return self.deferred.rows(client) if self.deferred is not None else None
+
+    def _is_dense(self, value: torch.Tensor | None) -> bool:
+        """Whether a variate is of the model's size (not packed by rows; None, for 0, is not)."""
+        return value is not None and value.numel() == self.c.numel()
 
     def _dense(self, value: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """A stored ``c_i`` (None: 0) as a dense vector in ``out``."""
@@ -240,7 +244,7 @@ class Scaffold(ClientUpdate):
                        steps_lr: float, owned: bool) -> None:
         """``c_i+ = q / (S eta) - (c - c_i)`` from ``q = x - y_i`` (packed where the client has rows;
         else into ``correction``), to the store and (one process) c's sum."""
-        if q.numel() != self.c.numel():  # packed: c_i+ in place of q
+        if not self._is_dense(q):  # packed: c_i+ in place of q
             new = self.deferred.compact.new_variate(q, correction, steps_lr)
             self.store.put(client, self.round, new, owned=True)
             if owned:
@@ -323,12 +327,12 @@ class Scaffold(ClientUpdate):
         """accum += w_i (c_i+ - c_i), in float64 (``old`` None: c_i = 0; x - 0 = x): packed vectors
         on their rows, dense ones chunk by chunk."""
         alpha = self.average_weight(self.sizes[client]) / self.total
-        size = self.c.numel()
-        if new.numel() != size and (old is None or old.numel() != size):
+        if not self._is_dense(new) and not self._is_dense(old):
             self.deferred.compact.add64(self.accum, new, old, alpha, self._cast)
             return
-        new = new if new.numel() == size else self._dense(new, self.q)
-        old = old if old is None or old.numel() == size else self._dense(old, self.old)
+        new = new if self._is_dense(new) else self._dense(new, self.q)
+        old = old if old is None or self._is_dense(old) else self._dense(old, self.old)
+        size = self.c.numel()
         for start in range(0, size, self.chunk):
             stop = min(start + self.chunk, size)
             cast = self._cast[:stop - start].copy_(new[start:stop])

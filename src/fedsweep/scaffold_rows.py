@@ -74,8 +74,7 @@ class DeferredRows:
         matrix = self.embedding.matrix(self.c)
         self.row_sq.copy_(torch.linalg.vector_norm(matrix, dim=1)).square_()
         self._measured = True
-        (a, b), (c, d) = self.compact.spans()
-        return float(self.row_sq.sum()) + sum(float(torch.dot(x, x)) for x in (self.c[a:b].double(), self.c[c:d].double()))
+        return float(self.row_sq.sum()) + sum(float(torch.dot(x, x)) for x in map(torch.Tensor.double, self.compact.outside_of(self.c)))
 
     def stale(self) -> None:
         """``c`` was replaced (a checkpoint loaded): measure it again."""
@@ -189,9 +188,6 @@ class CompactVectors:
     def fits(embedding: EmbeddingRows) -> bool:
         return embedding.rows < 1 << 24
 
-    def spans(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return (0, self.emb.start), (self.emb.stop, self.emb.size)
-
     def empty(self, rows: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """A packed vector for ``rows``, its ids written."""
         n = rows.numel()
@@ -207,6 +203,7 @@ class CompactVectors:
                 packed[n + self.outside_size:].view(n, self.emb.width))
 
     def is_dense(self, vector: torch.Tensor | None) -> bool:
+        """Whether ``vector`` is of the model's size (None, for 0, is not)."""
         return vector is not None and vector.numel() == self.emb.size
 
     def dense(self, vector: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -215,10 +212,9 @@ class CompactVectors:
             return out.zero_()
         if self.is_dense(vector):
             return out.copy_(vector)
-        rows, outside, values = self.parts(vector)
-        (a, b), (c, d) = self.spans()
-        out[a:b].copy_(outside[:b - a])
-        out[c:d].copy_(outside[b - a:])
+        rows, _, values = self.parts(vector)
+        for part, stored in zip(self.outside_of(out), self.outside_of(vector)):
+            part.copy_(stored)
         matrix = self.emb.matrix(out)
         matrix.zero_()
         matrix.index_copy_(0, rows.to(out.device), values.to(out.device))
@@ -234,22 +230,22 @@ class CompactVectors:
         return _aligned(have.to(rows.device), values.to(rows.device), rows)
 
     def outside_of(self, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two spans around the matrix of a packed or dense vector."""
-        (a, b), (c, d) = self.spans()
+        """Views of the vector before and after the matrix, in a packed or dense vector (of any dtype)."""
         if self.is_dense(vector):
-            return vector[a:b], vector[c:d]
+            return vector[:self.emb.start], vector[self.emb.stop:]
         _, outside, _ = self.parts(vector)
-        return outside[:b - a], outside[b - a:]
+        return outside[:self.emb.start], outside[self.emb.start:]
 
     def correction(self, c: torch.Tensor, old: torch.Tensor | None, rows: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor:
         """``c - c_i`` into ``out`` around the matrix and on ``rows`` (its other rows are left as
         they are: the client's optimiser does not read them); returns the rows' values."""
-        for (start, stop), old_part in zip(self.spans(), self.outside_of(old) if old is not None else (None, None)):
+        olds = self.outside_of(old) if old is not None else (None, None)
+        for part, c_part, old_part in zip(self.outside_of(out), self.outside_of(c), olds):
             if old_part is None:
-                out[start:stop].copy_(c[start:stop])  # c - 0 = c, to the bit
+                part.copy_(c_part)  # c - 0 = c, to the bit
             else:
-                torch.sub(c[start:stop], old_part.to(c.device), out=out[start:stop])
+                torch.sub(c_part, old_part.to(c.device), out=part)
         values = self.emb.matrix(c).index_select(0, rows)
         if old is not None:
             values.sub_(self.rows_of(old, rows))
@@ -259,22 +255,19 @@ class CompactVectors:
     def difference(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``x - y`` around the matrix and on ``rows``, packed."""
         packed = self.empty(rows, x.device)
-        _, outside, values = self.parts(packed)
-        (a, b), (c, d) = self.spans()
-        torch.sub(x[a:b], y[a:b], out=outside[:b - a])
-        torch.sub(x[c:d], y[c:d], out=outside[b - a:])
+        for part, x_part, y_part in zip(self.outside_of(packed), self.outside_of(x), self.outside_of(y)):
+            torch.sub(x_part, y_part, out=part)
+        _, _, values = self.parts(packed)
         torch.sub(self.emb.matrix(x).index_select(0, rows), self.emb.matrix(y).index_select(0, rows), out=values)
         return packed
 
     def new_variate(self, q: torch.Tensor, correction: torch.Tensor, steps_lr: float) -> torch.Tensor:
         """``c_i+ = (x - y) / (S eta) - (c - c_i)`` in place of the packed ``q = x - y``
         (``correction``: the dense buffer :meth:`correction` filled)."""
-        rows, outside, values = self.parts(q)
+        rows, _, values = self.parts(q)
         q[rows.numel():].div_(steps_lr)
-        corr_a, corr_b = self.outside_of(correction)
-        split = corr_a.numel()
-        outside[:split].sub_(corr_a)
-        outside[split:].sub_(corr_b)
+        for part, correction_part in zip(self.outside_of(q), self.outside_of(correction)):
+            part.sub_(correction_part)
         values.sub_(self.emb.matrix(correction).index_select(0, rows.to(correction.device)))
         return q
 
@@ -283,14 +276,14 @@ class CompactVectors:
         """``accum += alpha (new - old)`` in fp64 (``new`` packed, ``old`` packed or None) as the dense
         chunks add it, element by element; ``cast``: an fp64 scratch of at least a row."""
         chunk = cast.numel()
-        old_outside = self.outside_of(old) if old is not None else (None, None)
-        for (start, stop), part, old_part in zip(self.spans(), self.outside_of(new), old_outside):
-            for s in range(0, stop - start, chunk):
-                e = min(s + chunk, stop - start)
+        olds = self.outside_of(old) if old is not None else (None, None)
+        for sums, part, old_part in zip(self.outside_of(accum), self.outside_of(new), olds):
+            for s in range(0, part.numel(), chunk):
+                e = min(s + chunk, part.numel())
                 piece = cast[:e - s].copy_(part[s:e])
                 if old_part is not None:
                     piece.sub_(old_part[s:e])
-                accum[start + s:start + e].add_(piece, alpha=alpha)
+                sums[s:e].add_(piece, alpha=alpha)
         rows, _, values = self.parts(new)
         if old is not None:
             old_rows = self.parts(old)[0]

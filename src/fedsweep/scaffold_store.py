@@ -54,14 +54,11 @@ class ControlVariateStore:
 
     NAME = re.compile(r"^c(\d+)\.r(\d+)\.f32$")
 
-    def __init__(self, folder: str | os.PathLike, num_clients: int, size: int, device: torch.device,
-                 writer: bool = True, memory_mib: float = DEFAULT_MEMORY_MIB, background: bool = True):
+    def __init__(self, folder: str | os.PathLike, num_clients: int, writer: bool = True,
+                 memory_mib: float = DEFAULT_MEMORY_MIB, background: bool = True):
         self.folder = Path(folder)
-        self.size = size
-        self.device = device
         self.writer = writer  # the rank that deletes files (every rank writes its own clients')
         self.versions = np.zeros(num_clients, dtype=np.int64)
-        self.host = torch.empty(size, dtype=torch.float32, pin_memory=device.type == "cuda")
         self.superseded: list[tuple[int, int]] = []  # (client, round) files to delete after the next save
         self.budget = max(0, int(memory_mib * 2 ** 20))
         self._held: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()  # (client, round) -> host fp32
@@ -111,20 +108,11 @@ class ControlVariateStore:
     def read(self, client: int, out: torch.Tensor, version: int | None = None) -> None:
         """``c_i`` of ``client`` into ``out`` (a device vector of its length): the current one, or that of
         round ``version``."""
-        version = int(self.versions[client]) if version is None else version
-        if version == 0:
+        value = self.get(client, version)
+        if value is None:
             out.zero_()
-            return
-        key = (client, version)
-        with self._lock:
-            held = self._pending[key][0] if key in self._pending else self._held.get(key)
-        if held is not None:
-            out.copy_(held)
-        elif out.device.type == "cpu" and out.is_contiguous():
-            self._read_file(key, out)
         else:
-            self._read_file(key, self.host)
-            out.copy_(self.host, non_blocking=False)
+            out.copy_(value)
 
     def write(self, client: int, round_: int, value: torch.Tensor) -> None:
         """The new ``c_i`` of ``client`` after round ``round_`` (current once the round commits)."""
