@@ -105,6 +105,50 @@ def test_corrected_steps_read_nothing_either():
         assert sum(reads.values()) == 0, (optimizer.__name__, reads)
 
 
+@pytest.mark.parametrize("client", ["plain", "fedprox", "scaffold"])
+def test_stepping_the_embedding_by_the_clients_rows_gives_the_dense_steps_bits(client):
+    """A client's SGD steps the input embedding by the rows its tokens index (sgd_step's ``rows``):
+    gathered, stepped by the same add_, scattered back. Two epochs of real tiny-bert steps, with
+    FedProx's term and SCAFFOLD's correction (zero off the client's rows, as scaffold_rows keeps
+    it), give the dense steps' bits, and the rows no token indexes stay as they were."""
+    from fedsweep.row_support import EmbeddingRows
+
+    data = _tokens(n=48)
+    probe = build_model("tiny-bert", 4, seed=0)
+    embedding = EmbeddingRows.of(probe, FlatParameters(probe))
+    index = FlatParameters(probe).offsets.index(embedding.start)
+    rows = embedding.client_rows(data.ids, np.arange(len(data)))
+    assert rows is not None and len(rows) < embedding.rows // 4
+
+    def optimizer(by_rows: bool):
+        def build(flat):
+            kwargs = dict(rows=(index, rows)) if by_rows else {}
+            if client == "fedprox":
+                update = FedProx(ClientSettings(client="fedprox", mu=0.1), flat.data.clone())
+                update.begin_round(1, 0.05, [0], [len(data)])
+                return update.optimizer(flat.params, flat.data, flat.views, [0], kwargs.get("rows"))
+            if client == "scaffold":
+                correction = torch.randn(len(flat), generator=torch.Generator().manual_seed(1)) * 1e-3
+                matrix = embedding.matrix(correction)
+                kept = matrix[rows].clone()
+                matrix.zero_()[rows] = kept
+                if by_rows:
+                    kwargs["row_correction"] = kept
+                return LocalOptimizer(flat.params, flat.data, flat.views, lr=0.05, settings=ClientSettings(),
+                                      correction=correction, **kwargs)
+            return LocalOptimizer(flat.params, flat.data, flat.views, lr=0.05, settings=ClientSettings(), **kwargs)
+        return build
+
+    dense, *_ = _train("tiny-bert", data, STANDARD, optimizer=optimizer(False), epochs=2)
+    sparse, *_ = _train("tiny-bert", data, STANDARD, optimizer=optimizer(True), epochs=2)
+    assert torch.equal(sparse.data, dense.data)
+    untouched = torch.ones(embedding.rows, dtype=torch.bool)
+    untouched[rows] = False
+    initial = FlatParameters(build_model("tiny-bert", 4, seed=0)).data
+    assert torch.equal(embedding.matrix(sparse.data)[untouched], embedding.matrix(initial)[untouched])
+    assert not torch.equal(embedding.matrix(sparse.data)[rows], embedding.matrix(initial)[rows])
+
+
 def test_grouped_steps_read_nothing_from_the_device():
     data = _tokens()
     model = build_model("tiny-bert", 4, seed=0)

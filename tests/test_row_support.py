@@ -110,7 +110,7 @@ def test_one_client_by_rows_has_no_spread(monkeypatch, name):
         assert torch.equal(strategy.weights, clients[0][0])
 
 
-@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_a_server_step_split_with_a_worker_thread_gives_the_same_bits(monkeypatch, name):
     """Where a free core allows it, a worker thread takes half of the server step's chunks
     (fedsweep.background.split_map): the weights, the state and every metric are those of one

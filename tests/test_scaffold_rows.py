@@ -12,7 +12,7 @@ import torch
 from fedsweep.client_update import ClientSettings, ClientUpdate
 from fedsweep.row_support import EmbeddingRows
 from fedsweep.scaffold import ControlVariateStore, Scaffold
-from fedsweep.scaffold_rows import CompactVectors, DeferredRows
+from fedsweep.scaffold_rows import CompactVectors, DeferredRows, RowSum
 from test_row_support import _federation
 
 METRICS = ("train_loss", "client_update_norm", "client_drift_max", "mean_update_norm", "pseudo_gradient_norm",
@@ -175,3 +175,44 @@ def test_a_checkpoint_of_dense_variates_resumes_by_rows(tmp_path):
     assert float((c - c_dense).abs().max()) < 1e-4 * float(c_dense.abs().max())
     for key in METRICS:
         assert got[key] == pytest.approx(want[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("dense_last", [False, True])
+def test_cs_sum_by_rows_gives_the_dense_sums_bits(dense_last):
+    """RowSum: c's fp64 sum copied from c only on the rows the round's variates hold (and the vector
+    around the matrix) gives c the dense sum's bits; the rows it returns are those the adds reached,
+    and a dense variate reaches every row."""
+    emb = EmbeddingRows(start=30, rows=50, width=8, size=30 + 50 * 8 + 11)
+    compact = CompactVectors(emb)
+    gen = torch.Generator().manual_seed(3)
+    c = torch.randn(emb.size, generator=gen)
+    dense_accum = c.double()
+    accum = torch.full((emb.size,), float("nan"), dtype=torch.float64)  # what begin does not copy stays unread
+    row_sum = RowSum(emb, c, accum)
+    row_sum.begin()
+
+    def packed(n):
+        rows = torch.randperm(emb.rows, generator=gen)[:n].sort().values
+        return compact.difference(torch.randn(emb.size, generator=gen), torch.zeros(emb.size), rows)
+
+    a, b, d = packed(7), packed(5), packed(9)
+    adds = [(a, None, 0.25), (b, a, 0.5), (d, None, 0.125)]  # b's old variate holds other rows: their union
+    for new, old, alpha in adds:
+        for variate in (new, old):
+            if variate is not None:
+                row_sum.open(compact.parts(variate)[0])
+        compact.add64(accum, new, old, alpha, torch.empty(4, dtype=torch.float64))
+        compact.add64(dense_accum, new, old, alpha, torch.empty(4, dtype=torch.float64))
+    if dense_last:
+        dense = torch.randn(emb.size, generator=gen)
+        row_sum.whole()
+        accum.add_(dense.double(), alpha=0.375)
+        dense_accum.add_(dense.double(), alpha=0.375)
+    want = dense_accum.float()
+    changed = row_sum.end()
+    assert torch.equal(c, want)
+    if dense_last:
+        assert changed is None
+    else:
+        reached = torch.unique(torch.cat([compact.parts(v)[0] for v in (a, b, d)]))
+        assert torch.equal(changed, reached)

@@ -38,6 +38,21 @@ def single_thread_pool(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
+_SHARED: dict[int, ThreadPoolExecutor] = {}
+
+
+def shared_worker() -> ThreadPoolExecutor:
+    """The process's one background thread (for the caller's intra-op thread count): every user of
+    the free core queues its work here, so a free core never runs two of them beside the training
+    thread (measured: SCAFFOLD's per-client work and the server's adds, each on a thread of its
+    own, took turns with the training thread on 2 cores). Jobs run in the order they are queued;
+    a job must not wait for one queued after it."""
+    threads = torch.get_num_threads()
+    if threads not in _SHARED:
+        _SHARED[threads] = single_thread_pool("fedsweep-background")
+    return _SHARED[threads]
+
+
 def split_map(work: Callable[[int, int], T], count: int, worker: ThreadPoolExecutor | None) -> list[T]:
     """``[work(i, lane) for i in range(count)]``, ``lane`` 0 on this thread and 1 on ``worker``
     (None: all on this thread): the worker takes the second half of the items. ``work`` must be

@@ -38,17 +38,19 @@ class LocalOptimizer:
 
     ``params`` are the leaf tensors autograd fills, viewing ``weights`` (a (P,) or (G, P) fp32
     buffer) through ``views``. ``anchor`` (FedProx) is the global weights, a (P,) vector; ``correction``
-    (SCAFFOLD) is ``c - c_i``, shaped like ``weights``; ``row_correction`` ``(index, rows, values)``:
-    parameter ``index`` (the input embedding) is corrected on ``rows`` only, by ``values``, and not
-    by ``correction`` (:mod:`fedsweep.scaffold_rows`: ``index_add_`` adds each row as ``add_`` adds
-    it). ``steps`` counts the steps taken.
+    (SCAFFOLD) is ``c - c_i``, shaped like ``weights``. ``rows`` ``(index, rows)``: one client's
+    parameter ``index`` (the input embedding) changes on ``rows`` only (the rows its tokens index,
+    :mod:`fedsweep.row_support`), so SGD steps it by those rows (:func:`~fedsweep.engine.sgd_step`;
+    AdamW ignores them). ``row_correction``: with ``rows``, SCAFFOLD's correction of those rows, for
+    which ``correction`` is not read on parameter ``index`` (:mod:`fedsweep.scaffold_rows`:
+    ``index_add_`` adds each row as ``add_`` adds it). ``steps`` counts the steps taken.
     """
 
     def __init__(self, params: list[torch.Tensor], weights: torch.Tensor,
                  views: Callable[[torch.Tensor], list[torch.Tensor]], *, lr: float, settings: ClientSettings,
                  anchor: torch.Tensor | None = None, prox_scratch: torch.Tensor | None = None,
                  correction: torch.Tensor | None = None, adamw: torch.optim.Optimizer | None = None,
-                 row_correction: tuple[int, torch.Tensor, torch.Tensor] | None = None):
+                 rows: tuple[int, torch.Tensor] | None = None, row_correction: torch.Tensor | None = None):
         self.params, self.weights, self.lr, self.settings = params, weights, lr, settings
         self.steps = 0
         self.anchor = anchor
@@ -58,7 +60,7 @@ class LocalOptimizer:
             self.prox_views = views(prox_scratch)
         self.correction = correction
         self.correction_views = views(correction) if correction is not None else None
-        self.row_correction = row_correction
+        self.rows, self.row_correction = rows, row_correction
         self.adamw = adamw
         if adamw is not None:  # a fresh optimiser state: AdamW restarts for every client and round
             for group in adamw.param_groups:
@@ -72,7 +74,7 @@ class LocalOptimizer:
     def step(self) -> None:
         params = self.params
         if self.correction_views is None and self.anchor is None and self.adamw is None:
-            sgd_step(params, self.lr)  # plain SGD: FedAvg's client, as before
+            sgd_step(params, self.lr, self.rows)  # plain SGD: FedAvg's client
             self.steps += 1
             return
         live = [i for i, p in enumerate(params) if p.grad is not None]  # unused parameters stay as they are
@@ -80,9 +82,9 @@ class LocalOptimizer:
         if self.correction_views is not None:  # SCAFFOLD: g - c_i + c
             dense = live
             if self.row_correction is not None:
-                skip, rows, values = self.row_correction
+                skip, rows = self.rows
                 if params[skip].grad is not None:
-                    params[skip].grad.index_add_(0, rows, values)
+                    params[skip].grad.index_add_(0, rows, self.row_correction)
                 dense = [i for i in live if i != skip]
             torch._foreach_add_([params[i].grad for i in dense], [self.correction_views[i] for i in dense])
         if self.anchor is not None:  # FedProx: g + mu (w - w_global), rounded as written (mu x, then +)
@@ -93,7 +95,7 @@ class LocalOptimizer:
             for p in params:
                 p.grad = None
         else:
-            sgd_step(params, self.lr)
+            sgd_step(params, self.lr, self.rows)
         self.steps += 1
 
 
@@ -162,9 +164,12 @@ class ClientUpdate:
         return num_examples
 
     def optimizer(self, params: list[torch.Tensor], weights: torch.Tensor,
-                  views: Callable[[torch.Tensor], list[torch.Tensor]], clients: Sequence[int]) -> LocalOptimizer:
+                  views: Callable[[torch.Tensor], list[torch.Tensor]], clients: Sequence[int],
+                  rows: tuple[int, torch.Tensor] | None = None) -> LocalOptimizer:
+        """The optimiser of ``clients`` (one, or a group: rows of ``weights``); ``rows``: see
+        :class:`LocalOptimizer` (one client of a :attr:`row_sparse` update)."""
         return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings,
-                              adamw=self._adamw_for(params), **self._prox_args(weights))
+                              adamw=self._adamw_for(params), rows=rows, **self._prox_args(weights))
 
     def _adamw_for(self, params: list[torch.Tensor]) -> torch.optim.Optimizer | None:
         """One AdamW per parameter list (the model's, each group size's), its state zeroed per client."""

@@ -133,8 +133,13 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # the input-embedding rows a client indexes, where the strategy adds by them (Federation)
+    # the input-embedding rows a client indexes, where the strategy adds by them (Federation): the
+    # client's SGD steps that matrix by them too, and the strategy adds it by them
     embedding = strategy.embedding if client_update.row_sparse else None
+    embedding_param = flat.offsets.index(embedding.start) if embedding is not None else None
+
+    def rows_of(client: int) -> torch.Tensor | None:
+        return embedding.client_rows(data.ids, shards[client]) if embedding is not None else None
     plan = groups.plan(clients, [len(shards[c]) for c in clients]) if groups is not None else [[c] for c in clients]
     flat.data.copy_(strategy.weights)  # from here on, each strategy.add reloads them
     added = []  # (||u_k||, a future; the client's share of the average; its loss; its examples)
@@ -143,12 +148,14 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
         t0 = time.perf_counter()
         if len(members) == 1:
             client = members[0]
-            local = client_update.optimizer(flat.params, flat.data, flat.views, members)
+            rows = rows_of(client)
+            local = client_update.optimizer(flat.params, flat.data, flat.views, members,
+                                            (embedding_param, rows) if rows is not None else None)
             loss_sum, seen = train_client(
                 model, flat, data, lengths_cpu, shards[client], epochs=epochs, batch_size=batch_size,
                 lr=client_update.lr, protocol=protocol, seed=seed, round_=round_, client=client, bf16=bf16,
                 optimizer=local, on_batch=on_batch, should_stop=should_stop, loss_fn=loss_fn)
-            losses, trained = [float(loss_sum)], [(client, flat.data, seen)]  # one host sync per client
+            losses, trained = [float(loss_sum)], [(client, flat.data, seen, rows)]  # one host sync per client
         else:
             g = len(members)
             local = client_update.optimizer(groups.params(g), groups.data[:g], groups.views(g), members)
@@ -157,14 +164,13 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
                 batch_size=batch_size, lr=client_update.lr, protocol=protocol, seed=seed, round_=round_, bf16=bf16,
                 optimizer=local, on_batch=on_batch, should_stop=should_stop)
             losses = loss_sums.tolist()
-            trained = [(c, groups.data[i], seen) for i, c in enumerate(members)]
+            trained = [(c, groups.data[i], seen, rows_of(c)) for i, c in enumerate(members)]
         t1 = time.perf_counter()
-        for row, (loss, (client, weights, seen)) in enumerate(zip(losses, trained)):
+        for row, (loss, (client, weights, seen, rows)) in enumerate(zip(losses, trained)):
             if not math.isfinite(loss):
                 stats.first_bad_client = min(stats.first_bad_client, client)
             deferred = client_update.after_client(local, row, client, weights, len(shards[client]))
             weight = client_update.average_weight(len(shards[client]))  # n_k (SCAFFOLD uniform: 1)
-            rows = embedding.client_rows(data.ids, shards[client]) if embedding is not None else None
             added.append((strategy.submit(weights, weight, rows, deferred), weight / strategy.total, loss, seen))
         sync()
         stats.train_seconds += t1 - t0

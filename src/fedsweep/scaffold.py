@@ -23,8 +23,8 @@ import torch
 
 from . import FedsweepError
 from .client_update import ClientSettings, ClientUpdate, LocalOptimizer
-from .background import free_core, single_thread_pool
-from .scaffold_rows import CompactVectors, Deferred, DeferredRows
+from .background import free_core, shared_worker
+from .scaffold_rows import CompactVectors, Deferred, DeferredRows, RowSum
 from .scaffold_store import DEFAULT_MEMORY_MIB, ControlVariateStore
 
 
@@ -71,7 +71,8 @@ class Scaffold(ClientUpdate):
 
     One process on the CPU with a core its training threads leave free (``background``, the
     default; :func:`fedsweep.background.free_core`) moves the per-client work off the training
-    thread, onto one background thread that runs the same torch ops in the same order
+    thread, onto the process's background thread (:func:`fedsweep.background.shared_worker`, which
+    the server's adds share) that runs the same torch ops in the same order
     (clients in the order they finish, one at a time): while a client trains, it reads the next
     client's ``c_i`` (from the store's memory or its file) and computes its ``c - c_i``; after a
     client, the training thread only computes ``x - y_i`` (``y_i`` is overwritten by the next
@@ -102,16 +103,18 @@ class Scaffold(ClientUpdate):
         self.clients: list[int] = []
         self.uniform = settings.scaffold_weighting == "uniform"
         # the pipeline (one process on the CPU, with a core its training threads leave free): a
-        # background thread for the per-client work. Without a free core it would compete with
-        # the training threads for theirs (measured: slower than inline on a loaded machine).
+        # background thread for the per-client work, the one the server's adds use too
+        # (fedsweep.background.shared_worker). Without a free core it would compete with the
+        # training threads for theirs (measured: slower than inline on a loaded machine).
         self.pipelined = background and world == 1 and device.type == "cpu" and free_core()
-        self._worker = single_thread_pool("fedsweep-scaffold") if self.pipelined else None
+        self._worker = shared_worker() if self.pipelined else None
         self._jobs: deque[Future] = deque()
         self._spare: list[torch.Tensor] = []  # free model-sized fp32 vectors
         self._next: tuple[int, torch.Tensor, Future] | None = None  # (client, its c - c_i buffer, c_i's future)
         self._training: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # client -> (c - c_i, c_i)
         # the rows a client does not index, corrected by the server (fedsweep.scaffold_rows; use_rows)
         self.deferred: DeferredRows | None = None
+        self.row_sum: RowSum | None = None  # c's fp64 sum by rows (with deferred)
         self.strategy = None
         self._embedding_index: int | None = None  # the input embedding's place in the parameter list
         self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # recycled buffers' views (rows mode)
@@ -124,6 +127,7 @@ class Scaffold(ClientUpdate):
     def use_rows(self, embedding, rows_of, strategy) -> bool:
         fits = embedding is not None and CompactVectors.fits(embedding)
         self.deferred = DeferredRows(embedding, self.c, rows_of) if fits else None
+        self.row_sum = RowSum(embedding, self.c, self.accum) if fits else None
         self.strategy = strategy
         return self.deferred is not None
 
@@ -162,9 +166,11 @@ class Scaffold(ClientUpdate):
         self.clients = sorted(clients)
         self.sizes = list(sizes)
         self.total = sum(self.average_weight(n) for n in sizes)
-        self.accum.copy_(self.c)
         if self.deferred is not None:
+            self.row_sum.begin()
             self.deferred.begin_round()
+        else:
+            self.accum.copy_(self.c)
         if self.pipelined and self.clients:
             self._prefetch(self.clients[0])
 
@@ -262,7 +268,7 @@ class Scaffold(ClientUpdate):
         return 1 if self.uniform else num_examples
 
     @torch.no_grad()
-    def optimizer(self, params, weights, views, clients):
+    def optimizer(self, params, weights, views, clients, rows=None):
         if weights.dim() == 1:  # one client
             client = clients[0]
             correction, old, values = self._take(client)
@@ -270,15 +276,14 @@ class Scaffold(ClientUpdate):
             later = [k for k in self.clients if k > client]
             if self.pipelined and later:
                 self._prefetch(later[0])
-            by_rows = None
             if values is not None:  # the embedding's gradient is corrected on the client's rows only
                 if self._embedding_index is None:  # the same layout for every client
                     matrix = self.deferred.embedding.matrix(correction).data_ptr()
                     self._embedding_index = next(i for i, v in enumerate(views(correction)) if v.data_ptr() == matrix)
-                by_rows = (self._embedding_index, self._rows(client), values)
+                rows = (self._embedding_index, self._rows(client))
                 views = self._recycled_views(views)
             return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings, correction=correction,
-                                  row_correction=by_rows)
+                                  rows=rows, row_correction=values)
         self._drain()  # a group's buffer is reused: the background thread must be done with it
         g = len(clients)
         if g not in self._corrections:
@@ -328,8 +333,13 @@ class Scaffold(ClientUpdate):
         on their rows, dense ones chunk by chunk."""
         alpha = self.average_weight(self.sizes[client]) / self.total
         if not self._is_dense(new) and not self._is_dense(old):
+            for variate in (new, old):
+                if variate is not None:
+                    self.row_sum.open(self.deferred.compact.parts(variate)[0])
             self.deferred.compact.add64(self.accum, new, old, alpha, self._cast)
             return
+        if self.deferred is not None:
+            self.row_sum.whole()
         new = new if self._is_dense(new) else self._dense(new, self.q)
         old = old if old is None or self._is_dense(old) else self._dense(old, self.old)
         size = self.c.numel()
@@ -345,16 +355,22 @@ class Scaffold(ClientUpdate):
         """``c <- c + sum_i w_i (c_i+ - c_i)`` over the round's clients, in client order."""
         self._drain()
         if self.deferred is not None:  # with the round's c, before it changes
-            self.strategy.add_term(self.deferred.finish)
+            self.strategy.add_term(lambda accum, direction: self.deferred.finish(accum, direction, self._worker))
         if self.world > 1:
-            self.accum.copy_(self.c)
+            if self.deferred is not None:
+                self.row_sum.begin()
+            else:
+                self.accum.copy_(self.c)
             for client in self.clients:  # ascending: the order of one process
                 # this round's c_i+ and the version before it (never trained: None, 0)
                 self._add(client, self._get(client, version=self.round), self._get(client))
-        self.c.copy_(self.accum)
+        if self.deferred is not None:
+            changed = self.row_sum.end()
+        else:
+            self.c.copy_(self.accum)
         self.store.commit_round(self.clients, self.round)
-        if self.deferred is not None:  # ||c||^2 by rows: the next round's row norms, and the rest
-            return {"control_variate_norm": math.sqrt(self.deferred.measure())}
+        if self.deferred is not None:  # ||c||^2 by rows: the next round's row norms (where c changed), and the rest
+            return {"control_variate_norm": math.sqrt(self.deferred.measure(changed))}
         return {"control_variate_norm": float(torch.linalg.vector_norm(self.c))}
 
     def state_dict(self) -> dict:
@@ -381,10 +397,7 @@ class Scaffold(ClientUpdate):
     def close(self, keep: bool) -> None:
         self._drain()
         self.store.close()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
-            self.pipelined = False
+        self._worker, self.pipelined = None, False  # the shared worker stays for others
         if not keep and self.store.writer and self.store.folder.is_dir():
             for entry in self.store.folder.iterdir():
                 if self.store.NAME.match(entry.name) or entry.name.endswith(".tmp"):

@@ -24,10 +24,13 @@ run is still SGD to the bit.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from .background import split_map
 
 if TYPE_CHECKING:
     from .row_support import EmbeddingRows
@@ -67,12 +70,15 @@ class DeferredRows:
         self._measured = False  # whether row_sq holds c's row norms
         self._rows: dict[int, torch.Tensor | None] = {}
 
-    def measure(self) -> float:
-        """Take the row norms of ``c`` (after it changed); returns ``||c||^2``. The norms of rows are
-        fp32 (~1e-7 relative: they feed diagnostics; a row of zeros has 0 exactly), 10x faster than
-        fp64 ones; the sums are fp64."""
+    def measure(self, rows: torch.Tensor | None = None) -> float:
+        """Take the row norms of ``c`` (after it changed: on ``rows``, None for every row); returns
+        ``||c||^2``. The norms of rows are fp32 (~1e-7 relative: they feed diagnostics; a row of
+        zeros has 0 exactly), 10x faster than fp64 ones; the sums are fp64."""
         matrix = self.embedding.matrix(self.c)
-        self.row_sq.copy_(torch.linalg.vector_norm(matrix, dim=1)).square_()
+        if rows is None or not self._measured:
+            self.row_sq.copy_(torch.linalg.vector_norm(matrix, dim=1)).square_()
+        else:
+            self.row_sq.index_copy_(0, rows, torch.linalg.vector_norm(matrix.index_select(0, rows), dim=1).double().square_())
         self._measured = True
         return float(self.row_sq.sum()) + sum(float(torch.dot(x, x)) for x in map(torch.Tensor.double, self.compact.outside_of(self.c)))
 
@@ -83,7 +89,6 @@ class DeferredRows:
     def begin_round(self) -> None:
         if not self._measured:
             self.measure()
-        self._measured = False  # c changes at the end of the round
         self.kept_average.zero_()
         self.kept_direction.zero_()
         self.total_average = self.total_direction = 0.0
@@ -150,10 +155,12 @@ class DeferredRows:
         return Deferred(square, apply, self.embedding.start)
 
     @torch.no_grad()
-    def finish(self, accum: torch.Tensor, direction: torch.Tensor) -> bool:
+    def finish(self, accum: torch.Tensor, direction: torch.Tensor, worker: ThreadPoolExecutor | None = None) -> bool:
         """Add the round's ``-sum_i a_i S_i eta c_r`` over the clients that left row ``r`` out (and the
         direction's part) to the strategy's fp64 sum ``accum`` and fp32 ``direction``; returns whether
-        this round's sums hold rows its clients did not index (K=1: none, ``c`` is 0 off ``R_1``)."""
+        this round's sums hold rows its clients did not index (K=1: none, ``c`` is 0 off ``R_1``).
+        ``worker``: a thread that takes half of the blocks of rows (each row is computed alone: the
+        same bits)."""
         owed_average = self.kept_average.neg_().add_(self.total_average)  # in place: begin_round zeroes it
         owed_direction = self.kept_direction.neg_().add_(self.total_direction)
         if not bool(((owed_average != 0) & (self.row_sq != 0)).any()):
@@ -161,12 +168,65 @@ class DeferredRows:
         c, sums, directions = (self.embedding.matrix(v) for v in (self.c, accum, direction))
         owed_direction = owed_direction.float()  # the direction is an fp32 diagnostic
         step = max(1, self.BLOCK // self.embedding.width)
-        for start in range(0, self.embedding.rows, step):
+        starts = range(0, self.embedding.rows, step)
+
+        def block(index: int, lane: int) -> None:
+            start = starts[index]
             stop = min(start + step, self.embedding.rows)
             sums[start:stop].addcmul_(c[start:stop].double(), owed_average[start:stop, None], value=-1.0)
             directions[start:stop].addcmul_(c[start:stop], owed_direction[start:stop, None], value=-1.0)
+
+        split_map(block, len(starts), worker)
         return True
 
+
+class RowSum:
+    """SCAFFOLD's fp64 sum of a round, ``accum = c + sum_i w_i (c_i+ - c_i)``, started from ``c`` only
+    where the round's variates have values: around the matrix at :meth:`begin`, a row of the matrix
+    when an add first reaches it (:meth:`open`; :meth:`whole` for a dense variate). :meth:`end` writes
+    those rows back to ``c``. Each element goes through the operations of the dense sum (copy to
+    fp64, the adds in client order, rounding to fp32), so ``c`` gets the same bits, and the ~29,000
+    rows no variate of the round holds are neither copied nor written (two model-sized passes a
+    round)."""
+
+    def __init__(self, embedding: EmbeddingRows, c: torch.Tensor, accum: torch.Tensor):
+        self.embedding, self.c, self.accum = embedding, c, accum
+        self.compact = CompactVectors(embedding)
+        self.opened = torch.zeros(embedding.rows, dtype=torch.bool, device=c.device)
+        self.all_open = False
+
+    def begin(self) -> None:
+        for sums, values in zip(self.compact.outside_of(self.accum), self.compact.outside_of(self.c)):
+            sums.copy_(values)
+        self.opened.zero_()
+        self.all_open = False
+
+    def open(self, rows: torch.Tensor) -> None:
+        """Rows (ids) an add is about to reach."""
+        if self.all_open:
+            return
+        rows = rows.to(self.opened.device)
+        new = rows[~self.opened[rows]]
+        if new.numel():
+            self.opened[new] = True
+            self.embedding.matrix(self.accum).index_copy_(0, new, self.embedding.matrix(self.c).index_select(0, new).double())
+
+    def whole(self) -> None:
+        """Every row (a dense add comes)."""
+        if not self.all_open:
+            self.open(torch.nonzero(~self.opened).flatten())
+            self.all_open = True
+
+    def end(self) -> torch.Tensor | None:
+        """``c`` becomes the sum, rounded to fp32; returns the rows that changed (None: maybe all)."""
+        for values, sums in zip(self.compact.outside_of(self.c), self.compact.outside_of(self.accum)):
+            values.copy_(sums)
+        if self.all_open:
+            self.embedding.matrix(self.c).copy_(self.embedding.matrix(self.accum))
+            return None
+        rows = torch.nonzero(self.opened).flatten()
+        self.embedding.matrix(self.c).index_copy_(0, rows, self.embedding.matrix(self.accum).index_select(0, rows).float())
+        return rows
 
 
 class CompactVectors:
