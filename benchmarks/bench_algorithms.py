@@ -26,7 +26,10 @@ loading the global weights into each client, training, the fp64 sum, the server 
 centralised training of the same examples in the same batches (one model, torch.optim.SGD, the
 batch plan timed too), each of --rounds rounds run --repeats times alternating, the best per round;
 peak RSS of the process at 1,000 and 10,000 clients (each in its own process; the token pool is the
-same 40,000 rows for both, so only the clients differ). ``--flower 1000`` also runs Flower's
+same 40,000 rows for both, so only the clients differ). fedsweep's clients step the input embedding
+by the rows they index (``engine.sgd_step``; the same bits), which torch.optim.SGD does not:
+``--central-rows`` gives the centralised loop that step too, so that the ratio is the federated
+round's own overhead. ``--flower 1000`` also runs Flower's
 simulation on the same clients and batches (peers/flower_cross_device.py, in benchmarks/.venv-peers)
 and compares its seconds per round with fedsweep's FedAvg round by round.
 """
@@ -250,14 +253,14 @@ def cross_device_data(num_clients: int, pool: int = 40_000, seed: int = 0):
 
 
 def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: int, algorithm: str,
-                      repeats: int = 2) -> dict:
+                      repeats: int = 2, central_rows: bool = False) -> dict:
     import resource
 
     import torch
     import torch.nn.functional as F
 
     from fedsweep.clients import ClientSettings, ClientUpdate
-    from fedsweep.engine import PROTOCOLS, FlatParameters, batches_on_device, client_batches
+    from fedsweep.engine import PROTOCOLS, FlatParameters, batches_on_device, client_batches, sgd_step
     from fedsweep.models import build_model
     from fedsweep.rounds import Federation
     from fedsweep.scaffold import ControlVariateStore, Scaffold
@@ -280,6 +283,8 @@ def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: in
     fed = Federation(model, flat, strategy, update, data, lengths, shards, epochs=1, batch_size=16,
                      protocol=protocol, seed=0, lr=0.05, rounds=rounds, per_round=per_round)
     central_model = build_model("tiny-bert", 4, seed=0)
+    central_params = list(central_model.parameters())
+    central_embedding = next(i for i, p in enumerate(central_params) if p is central_model.get_input_embeddings().weight)
 
     def federated(r: int) -> float:
         t0 = time.perf_counter()
@@ -293,8 +298,11 @@ def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: in
         opt = torch.optim.SGD(central_model.parameters(), lr=0.05)
         for x, mask, y in batches_on_device(data, lengths, batches, protocol):
             F.cross_entropy(central_model(input_ids=x, attention_mask=mask).logits, y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if central_rows:  # the input embedding by the batch's rows, as fedsweep's clients step it
+                sgd_step(central_params, 0.05, (central_embedding, torch.unique(x)))
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
     federated(1), centralised(1)  # warm-up
@@ -320,7 +328,8 @@ def _cross_device_one(num_clients: int, rounds: int, per_round: int, threads: in
 def _run_cross_device(k: int, algorithm: str, args) -> dict:
     out = subprocess.run([sys.executable, __file__, "cross-device", "--one", str(k), "--algorithms", algorithm,
                           "--rounds", str(args.rounds), "--per-round", str(args.per_round), "--threads",
-                          str(args.threads), "--repeats", str(args.repeats), *(["--no-worker"] if args.no_worker else [])],
+                          str(args.threads), "--repeats", str(args.repeats), *(["--no-worker"] if args.no_worker else []),
+                          *(["--central-rows"] if args.central_rows else [])],
                          check=True, capture_output=True, text=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["fed_rounds"] = {int(i): v for i, v in r["fed_rounds"].items()}
@@ -501,7 +510,11 @@ def main() -> None:
     p.add_argument("--flower-variants", nargs="+", choices=["quickstart", "reuse"], default=["quickstart", "reuse"],
                    help="quickstart: a model per message; reuse: one model per Ray actor")
     p.add_argument("--no-worker", action="store_true",
-                   help="cross-device: no worker thread for the strategy (Strategy.submit, the server step)")
+                   help="cross-device: no background thread (Strategy.submit, the server step, SCAFFOLD's work)")
+    p.add_argument("--central-rows", action="store_true",
+                   help="cross-device: the centralised loop steps the input embedding by each batch's rows, as "
+                        "fedsweep's clients do (default: torch.optim.SGD, dense): the ratio is then the "
+                        "federated round's own overhead")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.what == "server":
@@ -512,10 +525,12 @@ def main() -> None:
     elif a.what == "device":
         device(a)
     elif a.one:
-        if a.no_worker:  # every client's sums and the server step on the training thread
+        if a.no_worker:  # every client's sums, SCAFFOLD's work and the server step on the training thread
             import fedsweep.average
-            fedsweep.average.free_core = lambda: False
-        print(json.dumps(_cross_device_one(a.one, a.rounds, a.per_round, a.threads, a.algorithms[0], a.repeats)))
+            import fedsweep.scaffold
+            fedsweep.average.free_core = fedsweep.scaffold.free_core = lambda: False
+        print(json.dumps(_cross_device_one(a.one, a.rounds, a.per_round, a.threads, a.algorithms[0], a.repeats,
+                                           a.central_rows)))
     else:
         a.clients = a.clients or [1000, 10000]
         cross_device(a)

@@ -95,7 +95,7 @@ def train_client(model: torch.nn.Module, flat: FlatParameters, data: TokenTensor
     # Dropout masks depend only on (seed, round, client): resuming or reordering clients
     # reproduces them exactly.
     seed_dropout(flat.data.device, derive_seed(seed, "dropout", round_, client))
-    step = optimizer.step if optimizer is not None else (lambda: flat.sgd_step(lr))
+    step = optimizer.step if optimizer is not None else (lambda ids: flat.sgd_step(lr))
     loss_fn = loss_fn if loss_fn is not None else batch_loss(model, bf16)
     loss_sum = torch.zeros((), dtype=torch.float64, device=flat.data.device)
     seen = 0
@@ -104,7 +104,7 @@ def train_client(model: torch.nn.Module, flat: FlatParameters, data: TokenTensor
         for ids, mask, labels in batches_on_device(data, lengths_cpu, batches, protocol):
             loss = loss_fn(ids, mask, labels)
             loss.backward()
-            step()
+            step(ids)
             loss_sum += loss.detach() * len(labels)
             seen += len(labels)
             if on_batch is not None:
