@@ -105,9 +105,10 @@ def test_corrected_steps_read_nothing_either():
         assert sum(reads.values()) == 0, (optimizer.__name__, reads)
 
 
-@pytest.mark.parametrize("client", ["plain", "fedprox", "scaffold"])
+@pytest.mark.parametrize("client", ["plain", "plain-many-rows", "fedprox", "scaffold"])
 def test_stepping_the_embedding_by_the_clients_rows_gives_the_dense_steps_bits(client):
-    """A client's SGD steps the input embedding by the rows its tokens index (sgd_step's ``rows``):
+    """A client's SGD steps the input embedding by the rows its tokens index (sgd_step's ``rows``),
+    plain SGD by each batch's (also for a client whose rows are not listed, ``plain-many-rows``):
     gathered, stepped by the same add_, scattered back. Two epochs of real tiny-bert steps, with
     FedProx's term and SCAFFOLD's correction (zero off the client's rows, as scaffold_rows keeps
     it), give the dense steps' bits, and the rows no token indexes stay as they were."""
@@ -122,7 +123,7 @@ def test_stepping_the_embedding_by_the_clients_rows_gives_the_dense_steps_bits(c
 
     def optimizer(by_rows: bool):
         def build(flat):
-            kwargs = dict(rows=(index, rows)) if by_rows else {}
+            kwargs = dict(rows=(index, None if client == "plain-many-rows" else rows)) if by_rows else {}
             if client == "fedprox":
                 update = FedProx(ClientSettings(client="fedprox", mu=0.1), flat.data.clone())
                 update.begin_round(1, 0.05, [0], [len(data)])

@@ -40,8 +40,9 @@ class LocalOptimizer:
     buffer) through ``views``. ``anchor`` (FedProx) is the global weights, a (P,) vector; ``correction``
     (SCAFFOLD) is ``c - c_i``, shaped like ``weights``. ``rows`` ``(index, rows)``: one client's
     parameter ``index`` (the input embedding) changes on ``rows`` only (the rows its tokens index,
-    :mod:`fedsweep.row_support`), so SGD steps it by those rows (:func:`~fedsweep.engine.sgd_step`;
-    AdamW ignores them). ``row_correction``: with ``rows``, SCAFFOLD's correction of those rows, for
+    :mod:`fedsweep.row_support`; None: a client that indexes over half of them), so SGD steps it by
+    those rows (:func:`~fedsweep.engine.sgd_step`; AdamW ignores them), plain SGD by each batch's
+    (:meth:`step`). ``row_correction``: with ``rows``, SCAFFOLD's correction of those rows, for
     which ``correction`` is not read on parameter ``index`` (:mod:`fedsweep.scaffold_rows`:
     ``index_add_`` adds each row as ``add_`` adds it). ``steps`` counts the steps taken.
     """

@@ -157,13 +157,14 @@ def sgd_step(params: list[torch.Tensor], lr: float, rows: tuple[int, torch.Tenso
     forward) is left unchanged, as torch.optim.SGD leaves it.
 
     ``rows`` ``(index, rows)``: parameter ``index`` (an input embedding) has a zero gradient off
-    ``rows`` (the rows a client's tokens index), where ``p - lr * 0 == p``: only those rows are
-    read and written, gathered, stepped by the same ``add_`` and scattered back, so the same bits
-    as the dense step (tests/test_fast_step.py) for a fraction of the bytes (a client of short
-    texts indexes ~1k of 30k rows; the dense add streams the whole matrix three times a step).
+    ``rows`` (the rows a client's or a batch's tokens index), where ``p - lr * 0 == p``: only those
+    rows are read and written, gathered, stepped by the same ``add_`` and scattered back, so the
+    same bits as the dense step (tests/test_fast_step.py) for a fraction of the bytes (a client of
+    short texts indexes ~1k of 30k rows; the dense add streams the whole matrix three times a
+    step). ``rows`` None, or ``(index, None)``: every row.
     """
     sparse = None
-    if rows is not None and params[rows[0]].grad is not None:
+    if rows is not None and rows[1] is not None and params[rows[0]].grad is not None:
         sparse = params[rows[0]]
         index = rows[1]
         stepped = sparse.index_select(0, index).add_(sparse.grad.index_select(0, index), alpha=-lr)

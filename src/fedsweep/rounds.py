@@ -150,7 +150,7 @@ def train_round(model: torch.nn.Module, flat: FlatParameters, strategy: Strategy
             client = members[0]
             rows = rows_of(client)
             local = client_update.optimizer(flat.params, flat.data, flat.views, members,
-                                            (embedding_param, rows) if rows is not None else None)
+                                            (embedding_param, rows) if embedding is not None else None)
             loss_sum, seen = train_client(
                 model, flat, data, lengths_cpu, shards[client], epochs=epochs, batch_size=batch_size,
                 lr=client_update.lr, protocol=protocol, seed=seed, round_=round_, client=client, bf16=bf16,
