@@ -116,7 +116,6 @@ class Scaffold(ClientUpdate):
         self.deferred: DeferredRows | None = None
         self.row_sum: RowSum | None = None  # c's fp64 sum by rows (with deferred)
         self.strategy = None
-        self._embedding_index: int | None = None  # the input embedding's place in the parameter list
         self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # recycled buffers' views (rows mode)
 
     @property
@@ -277,10 +276,9 @@ class Scaffold(ClientUpdate):
             if self.pipelined and later:
                 self._prefetch(later[0])
             if values is not None:  # the embedding's gradient is corrected on the client's rows only
-                if self._embedding_index is None:  # the same layout for every client
-                    matrix = self.deferred.embedding.matrix(correction).data_ptr()
-                    self._embedding_index = next(i for i, v in enumerate(views(correction)) if v.data_ptr() == matrix)
-                rows = (self._embedding_index, self._rows(client))
+                # rows: (the embedding's parameter index, the client's rows) from the round loop,
+                # which offers them whenever this update takes rows (use_rows)
+                rows = (rows[0], self._rows(client))
                 views = self._recycled_views(views)
             return LocalOptimizer(params, weights, views, lr=self.lr, settings=self.settings, correction=correction,
                                   rows=rows, row_correction=values)
